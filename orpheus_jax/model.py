@@ -1,0 +1,159 @@
+"""The seed's GPT as one Flax Linen model for training, evaluation and cached decoding.
+
+Parameters are a plain pytree and every entry point is a pure function of them. Attention takes an
+optional explicit key/value buffer and the absolute position of its first query, so the sampler
+prefills a whole prompt in one pass and decodes token by token with the same blocks.
+
+Shape suffixes: B batch, T query positions, S key positions, L buffer length (= block_size),
+D n_embd, H heads, K head size, F MLP width, V vocabulary.
+"""
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+KVCache = tuple  # per layer: (key_BLHK, value_BLHK)
+
+_init = nn.initializers.normal(stddev=0.02)  # the seed's init for linears and embeddings
+# LayerNorm epsilon 1e-5 as in PyTorch, so the seed's weights give the seed's logits.
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    dropout: float = 0.2
+    pos_encoding: str = "learned"  # or "sinusoidal"
+    attn_scale: str = "head"  # scores * head_size**-0.5; "embd": * n_embd**-0.5, as the seed's code
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    @classmethod
+    def from_run_config(cls, cfg, vocab_size: int) -> "GPTConfig":
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
+        return cls(vocab_size=vocab_size, **{name: cfg[name] for name in fields})
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def sinusoidal_positions(pos_T: jax.Array, dim: int) -> jax.Array:
+    """PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(p / 10000^(2i/d))."""
+    inv_freq = 1.0 / (10000.0 ** (np.arange(0, dim, 2) / dim))
+    angle_TI = pos_T[:, None].astype(jnp.float32) * inv_freq[None, :]
+    return jnp.stack([jnp.sin(angle_TI), jnp.cos(angle_TI)], axis=-1).reshape(pos_T.shape[0], dim)[:, :dim]
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, pos_T, kv=None, *, deterministic: bool):
+        c = self.config
+        dense_heads = lambda name: nn.DenseGeneral((c.n_head, c.head_size), use_bias=False, dtype=c.dtype,
+                                                   kernel_init=_init, name=name)
+        q_BTHK = dense_heads("query")(x_BTD)
+        k_BTHK = dense_heads("key")(x_BTD)
+        v_BTHK = dense_heads("value")(x_BTD)
+
+        if kv is None:  # training / full forward: attend within the chunk
+            k_BSHK, v_BSHK, pos_S = k_BTHK, v_BTHK, pos_T
+        else:  # write this chunk into the buffer at its positions, attend over the whole buffer
+            key_BLHK, value_BLHK = kv
+            at = (0, pos_T[0], 0, 0)
+            k_BSHK = lax.dynamic_update_slice(key_BLHK, k_BTHK.astype(key_BLHK.dtype), at)
+            v_BSHK = lax.dynamic_update_slice(value_BLHK, v_BTHK.astype(value_BLHK.dtype), at)
+            pos_S = jnp.arange(k_BSHK.shape[1])
+            kv = (k_BSHK, v_BSHK)
+
+        scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
+        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK * scale, k_BSHK.astype(q_BTHK.dtype))
+        # Causal by absolute position: buffer slots past the query (unwritten or stale) are masked too.
+        visible_TS = pos_S[None, :] <= pos_T[:, None]
+        scores_BHTS = jnp.where(visible_TS, scores_BHTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(c.dtype)
+        weights_BHTS = nn.Dropout(c.dropout)(weights_BHTS, deterministic=deterministic)
+        out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK.astype(c.dtype))
+        y_BTD = nn.DenseGeneral(c.n_embd, axis=(-2, -1), dtype=c.dtype, kernel_init=_init, name="proj")(out_BTHK)
+        return nn.Dropout(c.dropout)(y_BTD, deterministic=deterministic), kv
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, *, deterministic: bool):
+        c = self.config
+        h_BTF = nn.relu(nn.Dense(4 * c.n_embd, dtype=c.dtype, kernel_init=_init, name="fc")(x_BTD))
+        y_BTD = nn.Dense(c.n_embd, dtype=c.dtype, kernel_init=_init, name="out")(h_BTF)
+        return nn.Dropout(c.dropout)(y_BTD, deterministic=deterministic)
+
+
+class Block(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x_BTD, pos_T, kv=None, *, deterministic: bool):
+        c = self.config
+        h_BTD, kv = CausalSelfAttention(c, name="attn")(
+            nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln1")(x_BTD), pos_T, kv, deterministic=deterministic)
+        x_BTD = x_BTD + h_BTD
+        x_BTD = x_BTD + MLP(c, name="mlp")(nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln2")(x_BTD), deterministic=deterministic)
+        return x_BTD, kv
+
+
+class GPT(nn.Module):
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens_BT, *, start=0, cache: KVCache | None = None, deterministic: bool = True):
+        """Logits for tokens at absolute positions start .. start+T-1, and the updated cache (or None)."""
+        c = self.config
+        pos_T = start + jnp.arange(tokens_BT.shape[1])
+        x_BTD = nn.Embed(c.vocab_size, c.n_embd, dtype=c.dtype, embedding_init=_init, name="wte")(tokens_BT)
+        if c.pos_encoding == "learned":
+            x_BTD = x_BTD + nn.Embed(c.block_size, c.n_embd, dtype=c.dtype, embedding_init=_init, name="wpe")(pos_T)
+        else:
+            x_BTD = x_BTD + sinusoidal_positions(pos_T, c.n_embd).astype(c.dtype)
+        new_cache = []
+        for i in range(c.n_layer):
+            x_BTD, kv = Block(c, name=f"block_{i}")(x_BTD, pos_T, None if cache is None else cache[i],
+                                                    deterministic=deterministic)
+            new_cache.append(kv)
+        x_BTD = nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln_f")(x_BTD)
+        logits_BTV = nn.Dense(c.vocab_size, dtype=c.dtype, kernel_init=_init, name="lm_head")(x_BTD)
+        return logits_BTV.astype(jnp.float32), None if cache is None else tuple(new_cache)
+
+
+def init_params(config: GPTConfig, key: jax.Array):
+    tokens = jnp.zeros((1, config.block_size), jnp.int32)
+    return GPT(config).init(key, tokens)["params"]
+
+
+def forward(config: GPTConfig, params, tokens_BT, rng=None, deterministic: bool = True):
+    """Logits_BTV (float32) of a full causal pass; rng feeds dropout when not deterministic."""
+    rngs = None if deterministic else {"dropout": rng}
+    logits_BTV, _ = GPT(config).apply({"params": params}, tokens_BT, deterministic=deterministic, rngs=rngs)
+    return logits_BTV
+
+
+def forward_cached(config: GPTConfig, params, tokens_BT, cache: KVCache, start):
+    """Logits for a chunk of tokens at positions start.., attending to the cache; returns (logits, cache)."""
+    return GPT(config).apply({"params": params}, tokens_BT, start=start, cache=cache, deterministic=True)
+
+
+def empty_cache(config: GPTConfig, batch_size: int, dtype=None) -> KVCache:
+    shape = (batch_size, config.block_size, config.n_head, config.head_size)
+    dtype = dtype or config.dtype
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
+
+
+def count_params(params) -> int:
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

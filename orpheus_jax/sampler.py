@@ -1,0 +1,133 @@
+"""Cached sampling: a fixed-size key/value buffer per layer, a one-pass prefill, a compiled decode loop.
+
+The buffer holds block_size positions. Learned absolute positions rule out a rolling buffer, so when
+it is full the sampler keeps the last block_size - shift tokens and prefills them again: shift=1 is
+the seed's crop-and-recompute exactly (every token sees the last block_size tokens); a larger shift
+refills less often, each token then seeing between block_size - shift and block_size tokens.
+
+Randomness is per row: row b draws token i with fold_in(row_key_b, i), so a row of a batch gives the
+same text as a batch of one with that row's key. Everything a prompt changes (its tokens, its
+length) is data, so one compilation serves every prompt for a given (batch, buffer, chunk).
+"""
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from orpheus_jax.model import GPTConfig, empty_cache, forward_cached
+from orpheus_jax.sharding import batch_sharded, make_mesh, replicated
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: tuple  # per layer (key_BLHK, value_BLHK)
+    window_BL: jax.Array  # the tokens in the buffer, at positions 0 .. length-1
+    length: jax.Array  # int32: how many positions of the buffer hold context
+    logits_BV: jax.Array  # logits for the next token
+    row_keys: jax.Array  # (B, key) raw key data
+    drawn: jax.Array  # int32: tokens sampled so far (the fold_in index)
+
+
+def filter_logits(logits_BV, top_k, top_p):
+    """Keep the top_k largest logits (0: all), then the smallest set whose probability reaches top_p."""
+    V = logits_BV.shape[-1]
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    sorted_BV = jnp.where(jnp.arange(V) < k, sorted_BV, -jnp.inf)
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep a token if the tokens ranked above it hold less than top_p: the first always stays.
+    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+
+
+def sample_tokens(logits_BV, keys_B, temperature, top_k, top_p):
+    """One token per row: argmax when temperature == 0, else a draw from the filtered distribution."""
+    scaled_BV = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
+    filtered_BV = filter_logits(scaled_BV, top_k, top_p)
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
+    return jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+class Sampler:
+    """Compiled prefill and decode for one model, batch size and chunk length."""
+
+    def __init__(self, model_cfg: GPTConfig, params, *, batch_size: int, chunk: int = 64, shift: int | None = None,
+                 prng_impl: str = "threefry2x32", mesh=None):
+        self.model_cfg, self.batch_size, self.chunk, self.prng_impl = model_cfg, batch_size, chunk, prng_impl
+        self.shift = shift or max(1, model_cfg.block_size // 2)
+        if not 1 <= self.shift < model_cfg.block_size:
+            raise ValueError(f"shift must be in [1, block_size - 1], got {self.shift}")
+        mesh = mesh or make_mesh()
+        self._rep = replicated(mesh)
+        # Split the batch over devices when it divides evenly; otherwise every device decodes all rows.
+        self._rows = batch_sharded(mesh) if batch_size % mesh.devices.size == 0 else self._rep
+        self.params = jax.device_put(params, self._rep)
+        self._prefill = jax.jit(self._prefill_fn)
+        self._decode = jax.jit(self._decode_fn, donate_argnums=1)
+
+    def _prefill_fn(self, params, window_BL, length, row_keys):
+        cache = empty_cache(self.model_cfg, window_BL.shape[0])
+        # The whole buffer in one pass; positions past `length` hold padding that is never attended
+        # to (queries only see keys at or before their own position) and is overwritten later.
+        logits_BLV, cache = forward_cached(self.model_cfg, params, window_BL, cache, 0)
+        logits_BV = lax.dynamic_index_in_dim(logits_BLV, length - 1, axis=1, keepdims=False)
+        return DecodeState(cache=cache, window_BL=window_BL, length=length, logits_BV=logits_BV,
+                           row_keys=row_keys, drawn=jnp.zeros((), jnp.int32))
+
+    def _decode_fn(self, params, state: DecodeState, n_steps, temperature, top_k, top_p):
+        L, shift = self.model_cfg.block_size, self.shift
+
+        def refill(s: DecodeState) -> DecodeState:
+            window_BL = jnp.roll(s.window_BL, -shift, axis=1)
+            _, cache = forward_cached(self.model_cfg, params, window_BL, s.cache, 0)
+            return s.replace(cache=cache, window_BL=window_BL, length=jnp.int32(L - shift))
+
+        def body(i, carry):
+            s, out_BC = carry
+            keys_B = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k, impl=self.prng_impl),
+                                                           s.drawn))(s.row_keys)
+            token_B = sample_tokens(s.logits_BV, keys_B, temperature, top_k, top_p)
+            out_BC = lax.dynamic_update_slice(out_BC, token_B[:, None], (0, i))
+            s = lax.cond(s.length == L, refill, lambda s: s, s)
+            logits_B1V, cache = forward_cached(self.model_cfg, params, token_B[:, None], s.cache, s.length)
+            window_BL = lax.dynamic_update_slice(s.window_BL, token_B[:, None], (0, s.length))
+            s = s.replace(cache=cache, window_BL=window_BL, length=s.length + 1, logits_BV=logits_B1V[:, 0],
+                          drawn=s.drawn + 1)
+            return s, out_BC
+
+        out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk), jnp.int32)
+        return lax.fori_loop(0, n_steps, body, (state, out_BC))
+
+    def start(self, prompt_ids, row_keys) -> DecodeState:
+        """Prefill the prompt (its last block_size tokens) for every row; row_keys: (B, key) raw data."""
+        L = self.model_cfg.block_size
+        prompt = np.asarray(prompt_ids, np.int32)[-L:]
+        window_BL = np.zeros((self.batch_size, L), np.int32)
+        window_BL[:, :len(prompt)] = prompt
+        return self._prefill(self.params, jax.device_put(window_BL, self._rows), jnp.int32(len(prompt)),
+                             jax.device_put(np.asarray(row_keys), self._rows))
+
+    def decode(self, state: DecodeState, n: int, temperature=1.0, top_k=0, top_p=1.0):
+        """Draw n <= chunk tokens per row; returns (state, tokens as a (B, n) NumPy array)."""
+        assert 0 < n <= self.chunk
+        state, out_BC = self._decode(self.params, state, jnp.int32(n), jnp.float32(temperature), jnp.int32(top_k),
+                                     jnp.float32(top_p))
+        return state, np.asarray(out_BC)[:, :n]
+
+    def generate(self, prompt_ids, max_new_tokens: int, row_keys, temperature=1.0, top_k=0, top_p=1.0):
+        """Yield (B, n) arrays of new tokens, chunk by chunk, max_new_tokens in all."""
+        state = self.start(prompt_ids, row_keys)
+        remaining = max_new_tokens
+        while remaining > 0:
+            n = min(remaining, self.chunk)
+            state, tokens_Bn = self.decode(state, n, temperature, top_k, top_p)
+            remaining -= n
+            yield tokens_Bn
+
+
+def row_keys(seed: int, rows, prng_impl: str = "threefry2x32") -> np.ndarray:
+    """Raw key data for the given row indices: row r of any batch draws with fold_in(key(seed), r)."""
+    base = jax.random.key(seed, impl=prng_impl)
+    return np.stack([np.asarray(jax.random.key_data(jax.random.fold_in(base, r))) for r in rows])

@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Sample text from a trained Orpheus-JAX run.
+
+    python sample.py --workdir runs/iliad_char_cpu --prompt "Achilles" --max_new_tokens 300
+    python sample.py --workdir runs/iliad_char_cpu --num_samples 4 --temperature 0.8 --top_k 20
+    python sample.py --workdir runs/iliad_char_cpu --stream --stop "\\n\\n"
+
+Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+
+from orpheus_jax import OrpheusError
+
+DASHES = "-" * 40
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", required=True, help="a run directory written by train.py")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt_file", default=None, help="read the prompt from this file")
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely characters (0: all)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: keep the smallest set holding this probability")
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=int, default=None,
+                   help="when the context is full, drop this many oldest tokens and re-prefill "
+                        "(1 = the seed's crop-and-recompute, exact; default block_size // 2)")
+    p.add_argument("--stop", default=None, help="end a sample at the first occurrence of this text")
+    p.add_argument("--stream", action="store_true", help="print characters as they are produced")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="compute dtype (default: the run's)")
+
+    def error(message):  # argparse prints usage and exits 2; we want the one-line form
+        raise OrpheusError(message)
+    p.error = error
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        raise OrpheusError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise OrpheusError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise OrpheusError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise OrpheusError(f"--top_k must be >= 0, got {args.top_k}")
+    if args.num_samples <= 0:
+        raise OrpheusError(f"--num_samples must be positive, got {args.num_samples}")
+    return args
+
+
+def main(argv) -> None:
+    args = parse_args(argv)
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise OrpheusError(f"cannot read --prompt_file: {e}") from None
+
+    import jax  # after argument checks: bad flags answer at once
+
+    from orpheus_jax.cache import enable_compilation_cache
+    from orpheus_jax.model import GPTConfig
+    from orpheus_jax.sampler import Sampler, row_keys
+    from orpheus_jax.train import load_trained
+
+    enable_compilation_cache()
+    cfg, tokenizer, params, _ = load_trained(args.workdir, args.step)
+    prompt = args.prompt or "\n"
+    prompt_ids = tokenizer.encode(prompt)  # unknown characters: a one-line error naming them
+    model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
+    if args.dtype:
+        model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
+    if args.shift is not None and not 1 <= args.shift < model_cfg.block_size:
+        raise OrpheusError(f"--shift must be in [1, {model_cfg.block_size - 1}] (block_size - 1), got {args.shift}")
+
+    # Streaming shows one sample at a time (batch 1, the row's own key: the same text as batched).
+    batches = [[r] for r in range(args.num_samples)] if args.stream else [list(range(args.num_samples))]
+    sampler = Sampler(model_cfg, params, batch_size=len(batches[0]), shift=args.shift, prng_impl=cfg.prng_impl)
+    out = sys.stdout
+    for b, rows in enumerate(batches):
+        texts = ["" for _ in rows]
+        done = [False for _ in rows]
+        if args.stream:
+            out.write(prompt)
+        for tokens_Bn in sampler.generate(prompt_ids, args.max_new_tokens, row_keys(args.seed, rows, cfg.prng_impl),
+                                          args.temperature, args.top_k, args.top_p):
+            for i, ids in enumerate(tokens_Bn):
+                if done[i]:
+                    continue
+                before = len(texts[i])
+                texts[i] += tokenizer.decode(ids)
+                if args.stop:  # search only where the stop text could newly end
+                    at = texts[i].find(args.stop, max(0, before - len(args.stop) + 1))
+                    if at >= 0:
+                        texts[i], done[i] = texts[i][:at + len(args.stop)], True
+                if args.stream:
+                    out.write(texts[i][before:])
+                    out.flush()
+            if all(done):
+                break
+        if args.stream:
+            out.write("\n" + (DASHES + "\n" if b < len(batches) - 1 else ""))
+        else:
+            out.write(("\n" + DASHES + "\n").join(prompt + t for t in texts) + "\n")
+    out.flush()
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except OrpheusError as e:
+        print(f"error: {e}", file=sys.__stderr__, flush=True)
+        os._exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,35 @@
+"""Every test process sees 8 simulated CPU devices, so sharded code paths run everywhere."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def iliad_path() -> str:
+    """The seed's corpus, from $ORPHEUS_DATA or ../shared/data (never a copy in the repo)."""
+    path = os.environ.get("ORPHEUS_DATA") or os.path.join(REPO, "..", "shared", "data", "iliad.txt")
+    if not os.path.exists(path):
+        pytest.fail(f"corpus not found at {path}: set ORPHEUS_DATA to the Iliad text")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_text_path(iliad_path, tmp_path_factory) -> str:
+    """The first 60,000 characters of the Iliad, for quick runs."""
+    path = tmp_path_factory.mktemp("data") / "iliad_head.txt"
+    with open(iliad_path, encoding="utf-8") as f:
+        path.write_text(f.read(60_000), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture
+def tiny_cfg():
+    from configs import tiny
+    return tiny.get_config()

@@ -1,0 +1,204 @@
+"""train.py and sample.py end to end, in subprocesses, as a user runs them (8 simulated devices)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config", os.path.join(REPO, "configs", "tiny.py")]
+
+
+def run(script, *args, env=None, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(small_text_path, tmp_path_factory):
+    """A tiny run of 20 steps (checkpoints at 10 and 20)."""
+    workdir = str(tmp_path_factory.mktemp("cli") / "run")
+    result = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path)
+    assert result.returncode == 0, result.stderr
+    return workdir, result
+
+
+def test_train_writes_checkpoints_metrics_config_and_tokenizer(trained):
+    workdir, result = trained
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20]
+    assert all({"step", "train_loss", "val_loss"} <= r.keys() for r in evals)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert json.load(open(os.path.join(workdir, "config.json")))["vocab_size"] == \
+        len(json.load(open(os.path.join(workdir, "tokenizer.json")))["chars"])
+    assert "step 20: train loss" in result.stdout and "8 cpu device(s)" in result.stdout
+
+
+def test_second_run_resumes_and_continues(trained, small_text_path, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
+    result = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30")
+    assert result.returncode == 0, result.stderr
+    assert "resuming from step 20" in result.stdout and "step 30: train loss" in result.stdout
+    assert "30" in os.listdir(os.path.join(workdir, "checkpoints"))
+    again = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30")
+    assert again.returncode == 0 and "Already trained to step 30" in again.stdout
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(small_text_path, tmp_path):
+    workdir = str(tmp_path / "run")
+    args = [*TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=1000000",
+            "--config.checkpoint_interval=1000000", "--config.eval_interval=1000000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step 0:"):
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    stopped = [line for line in out.splitlines() if line.startswith("Stopped by SIGINT at step")]
+    assert stopped and "Run the same command again to resume" in stopped[0]
+    step = int(stopped[0].split("at step ")[1].split(";")[0])
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(step)]
+    resumed = run("train.py", *args[:-3], f"--config.max_iters={step + 10}")
+    assert resumed.returncode == 0 and f"resuming from step {step}" in resumed.stdout
+
+
+def test_missing_data_file(tmp_path):
+    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path), "--data", str(tmp_path / "no.txt")),
+                          "not found")
+
+
+def test_empty_data_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path / "w"), "--data",
+                              str(tmp_path / "empty.txt")), "empty")
+
+
+def test_text_shorter_than_a_block(tmp_path):
+    (tmp_path / "short.txt").write_text("Sing, O goddess.\n")
+    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path / "w"), "--data",
+                              str(tmp_path / "short.txt")), "too short", "block_size")
+
+
+def test_batch_not_divisible_by_devices(small_text_path, tmp_path):
+    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path), "--data", small_text_path,
+                              "--config.batch_size=12"), "divisible by the number of devices (8)")
+
+
+def test_workdir_of_another_model(trained, small_text_path, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    assert_one_line_error(run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path,
+                              "--config.n_embd=64"), "different model", "n_embd 32 vs 64")
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing lost
+
+
+def test_corrupt_checkpoint(trained, small_text_path, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "20", "state")):
+        for name in files:
+            if os.path.basename(root) == "d":  # the array data
+                open(os.path.join(root, name), "wb").close()
+    assert_one_line_error(run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path,
+                              "--config.max_iters=30"), "cannot restore checkpoint")
+
+
+def test_resume_on_text_with_new_characters(trained, tmp_path, small_text_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
+    (tmp_path / "other.txt").write_text(open(small_text_path).read() + "\u00e9\u00e8\n")
+    assert_one_line_error(run("train.py", *TINY, "--workdir", workdir, "--data", str(tmp_path / "other.txt"),
+                              "--config.max_iters=30"), "not in the vocabulary", "'\u00e8', '\u00e9'")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--config.n_head=3"], "n_embd (32) must be divisible by n_head (3)"),
+    (["--config.batch_size=0"], "batch_size must be a positive integer"),
+    (["--config.no_such_key=1"], "unknown config key: no_such_key"),
+    (["--config.batch_size=many"], "--config.batch_size"),
+    (["--config", "configs/no_such_config.py"], "cannot load the config"),
+    (["--no_such_flag"], "no_such_flag"),
+])
+def test_bad_flags_and_config_values(args, words, tmp_path):
+    config = [] if "--config" in args else TINY
+    assert_one_line_error(run("train.py", *config, *args, "--workdir", str(tmp_path)), words)
+
+
+def test_offline_with_nothing_cached_says_to_pass_data(tmp_path):
+    env = {"ORPHEUS_DATA": "", "ORPHEUS_CACHE": str(tmp_path / "cache"),
+           "ORPHEUS_DATA_URL": "http://127.0.0.1:9/pg2199.txt"}
+    result = run("train.py", *TINY, "--workdir", str(tmp_path / "w"), env=env)
+    assert "Downloading the Iliad" in result.stdout
+    assert_one_line_error(result, "cannot download", "--data FILE")
+
+
+# --- sample.py ---------------------------------------------------------------------------------
+
+def test_sample_prints_prompt_and_continuation(trained):
+    result = run("sample.py", "--workdir", trained[0], "--prompt", "Achilles", "--max_new_tokens", "40")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Achilles") and len(result.stdout) == len("Achilles") + 40 + 1
+
+
+def test_sample_is_reproducible_and_separates_samples(trained):
+    args = ["--workdir", trained[0], "--prompt", "Sing", "--max_new_tokens", "30", "--num_samples", "3"]
+    a, b = run("sample.py", *args), run("sample.py", *args)
+    assert a.returncode == 0 and a.stdout == b.stdout
+    samples = a.stdout.rstrip("\n").split("\n" + "-" * 40 + "\n")
+    assert len(samples) == 3 and all(s.startswith("Sing") and len(s) == 34 for s in samples)
+    assert run("sample.py", *args, "--seed", "1").stdout != a.stdout
+    # Streaming decodes one sample at a time with its own key: the same texts.
+    assert run("sample.py", *args, "--stream").stdout == a.stdout
+
+
+def test_sample_empty_prompt_starts_from_a_newline_and_stop_ends_it(trained):
+    result = run("sample.py", "--workdir", trained[0], "--max_new_tokens", "300", "--stop", " ")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("\n") and result.stdout.endswith(" \n") and result.stdout.count(" ") == 1
+
+
+def test_sample_from_an_earlier_step(trained):
+    a = run("sample.py", "--workdir", trained[0], "--step", "10", "--max_new_tokens", "20", "--temperature", "0")
+    b = run("sample.py", "--workdir", trained[0], "--step", "20", "--max_new_tokens", "20", "--temperature", "0")
+    assert a.returncode == 0 and b.returncode == 0 and a.stdout != b.stdout
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--prompt", "Sing\u00e9\u00e8"], "2 character(s) not in the vocabulary: '\u00e8', '\u00e9'"),
+    (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+    (["--top_p", "0"], "--top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--shift", "0"], "--shift must be in [1, 31]"),
+    (["--step", "7"], "no checkpoint at step 7"),
+    (["--prompt", "a", "--prompt_file", "f"], "not allowed with argument"),
+])
+def test_sample_bad_inputs(trained, args, words):
+    assert_one_line_error(run("sample.py", "--workdir", trained[0], *args), *words.split("|"))
+
+
+def test_sample_without_workdir_or_checkpoint(tmp_path):
+    assert_one_line_error(run("sample.py", "--workdir", str(tmp_path / "nope")), "no such workdir")
+    assert_one_line_error(run("sample.py", "--workdir", str(tmp_path)), "no checkpoints in")
+    assert_one_line_error(run("sample.py"), "--workdir")

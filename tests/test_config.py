@@ -1,0 +1,60 @@
+import pytest
+
+from configs import iliad_char, iliad_char_cpu, tiny
+from orpheus_jax import OrpheusError
+from orpheus_jax.config import shape_mismatch, validate
+
+
+@pytest.mark.parametrize("module", [iliad_char, iliad_char_cpu, tiny])
+def test_shipped_configs_are_valid(module):
+    validate(module.get_config())
+
+
+def test_seed_recipe():
+    c = iliad_char.get_config()
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size, c.dropout, c.max_iters) == \
+        (6, 6, 384, 256, 64, 0.2, 5000)
+    assert (c.pos_encoding, c.val_fraction) == ("learned", 0.1)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("n_head", 5, "divisible by n_head"),
+    ("batch_size", 0, "batch_size must be a positive integer"),
+    ("n_layer", -1, "n_layer must be a positive integer"),
+    ("dropout", 1.0, "dropout must be in [0, 1)"),
+    ("learning_rate", 0.0, "learning_rate must be positive"),
+    ("pos_encoding", "rope", "pos_encoding must be one of"),
+    ("dtype", "float16", "dtype must be one of"),
+    ("attn_scale", "sqrt", "attn_scale must be one of"),
+])
+def test_bad_values_name_the_key(key, value, words):
+    c = tiny.get_config()
+    c[key] = value
+    with pytest.raises(OrpheusError, match=None) as e:
+        validate(c)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_intervals_must_be_multiples_of_steps_per_call():
+    c = tiny.get_config()
+    c.steps_per_call = 3
+    with pytest.raises(OrpheusError, match="multiple of steps_per_call"):
+        validate(c)
+
+
+def test_missing_key():
+    c = tiny.get_config()
+    del c["seed"]
+    with pytest.raises(OrpheusError, match="missing keys: seed"):
+        validate(c)
+
+
+def test_shape_mismatch_lists_the_differences():
+    saved = tiny.get_config()
+    saved.vocab_size = 66
+    other = tiny.get_config()
+    assert shape_mismatch(saved, other, 66) == ""
+    other.n_embd = 64
+    assert shape_mismatch(saved, other, 65) == "vocab_size 66 vs 65, n_embd 32 vs 64"
+    other.n_embd, other.dropout, other.learning_rate = 32, 0.0, 1.0  # not shapes: fine
+    assert shape_mismatch(saved, other, 66) == ""

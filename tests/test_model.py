@@ -1,0 +1,98 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orpheus_jax.model import GPTConfig, count_params, forward, init_params
+
+TINY = GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8, dropout=0.1)
+
+
+def numpy_forward(c: GPTConfig, p, tokens_BT):
+    """An independent NumPy reading of the seed's architecture (pre-LN, causal MHA, ReLU MLP x4)."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+    B, T = tokens_BT.shape
+
+    def ln(x, q):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-5) * q["scale"] + q["bias"]
+
+    x = p["wte"]["embedding"][tokens_BT]
+    if c.pos_encoding == "learned":
+        x = x + p["wpe"]["embedding"][:T]
+    else:
+        pe = np.zeros((T, c.n_embd))
+        for pos in range(T):
+            for i in range(0, c.n_embd, 2):
+                pe[pos, i] = math.sin(pos / 10000 ** (i / c.n_embd))
+                pe[pos, i + 1] = math.cos(pos / 10000 ** (i / c.n_embd))
+        x = x + pe
+    scale = 1 / math.sqrt(c.head_size if c.attn_scale == "head" else c.n_embd)
+    for i in range(c.n_layer):
+        b = p[f"block_{i}"]
+        h = ln(x, b["ln1"])
+        heads = []
+        for hd in range(c.n_head):
+            q = h @ b["attn"]["query"]["kernel"][:, hd]
+            k = h @ b["attn"]["key"]["kernel"][:, hd]
+            v = h @ b["attn"]["value"]["kernel"][:, hd]
+            w = q @ k.transpose(0, 2, 1) * scale
+            w = np.where(np.tril(np.ones((T, T))) == 1, w, -np.inf)
+            w = np.exp(w - w.max(-1, keepdims=True))
+            heads.append((w / w.sum(-1, keepdims=True)) @ v)
+        proj = b["attn"]["proj"]
+        x = x + np.concatenate(heads, -1) @ proj["kernel"].reshape(c.n_embd, c.n_embd) + proj["bias"]
+        h = ln(x, b["ln2"])
+        m = b["mlp"]
+        x = x + np.maximum(h @ m["fc"]["kernel"] + m["fc"]["bias"], 0) @ m["out"]["kernel"] + m["out"]["bias"]
+    return ln(x, p["ln_f"]) @ p["lm_head"]["kernel"] + p["lm_head"]["bias"]
+
+
+def test_seed_config_has_the_seeds_parameter_count():
+    shapes = jax.eval_shape(lambda: init_params(GPTConfig(vocab_size=66), jax.random.key(0)))
+    assert count_params(shapes) == 10_789_698
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("attn_scale", ["head", "embd"])
+def test_forward_matches_numpy_reference(pos_encoding, attn_scale):
+    c = GPTConfig(**{**TINY.__dict__, "pos_encoding": pos_encoding, "attn_scale": attn_scale})
+    params = init_params(c, jax.random.key(1))
+    # Larger than init weights so that a wrong scale or mask shows clearly.
+    params = jax.tree.map(lambda a: a * 5 if a.ndim > 1 else a, params)
+    tokens = np.random.default_rng(0).integers(0, c.vocab_size, (3, c.block_size))
+    got = forward(c, params, jnp.asarray(tokens))
+    np.testing.assert_allclose(got, numpy_forward(c, params, tokens), atol=2e-4, rtol=1e-4)
+
+
+def test_causality():
+    params = init_params(TINY, jax.random.key(2))
+    tokens = np.random.default_rng(1).integers(0, TINY.vocab_size, (1, TINY.block_size))
+    t = 5
+    changed = tokens.copy()
+    changed[0, t] = (changed[0, t] + 1) % TINY.vocab_size
+    a, b = forward(TINY, params, jnp.asarray(tokens)), forward(TINY, params, jnp.asarray(changed))
+    np.testing.assert_array_equal(a[:, :t], b[:, :t])
+    assert not np.allclose(a[:, t:], b[:, t:])
+
+
+def test_dropout_only_when_not_deterministic():
+    params = init_params(TINY, jax.random.key(3))
+    tokens = jnp.zeros((2, TINY.block_size), jnp.int32)
+    det = forward(TINY, params, tokens)
+    np.testing.assert_array_equal(det, forward(TINY, params, tokens, jax.random.key(9), deterministic=True))
+    a = forward(TINY, params, tokens, jax.random.key(9), deterministic=False)
+    b = forward(TINY, params, tokens, jax.random.key(10), deterministic=False)
+    assert not np.allclose(a, det) and not np.allclose(a, b)
+
+
+def test_bfloat16_compute_keeps_float32_params():
+    c = GPTConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
+    params = init_params(c, jax.random.key(4))
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, c.vocab_size, (2, c.block_size)))
+    low, full = forward(c, params, tokens), forward(TINY, params, tokens)
+    assert low.dtype == jnp.float32
+    np.testing.assert_allclose(low, full, atol=0.05)

@@ -1,0 +1,119 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orpheus_jax.model import GPTConfig, empty_cache, forward, forward_cached, init_params
+from orpheus_jax.sampler import Sampler, filter_logits, row_keys, sample_tokens
+
+CFG = GPTConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def params():
+    # Larger than init weights: peaked, clearly ordered logits (no near-ties for greedy decoding).
+    return jax.tree.map(lambda a: a * 4, init_params(CFG, jax.random.key(0)))
+
+
+def test_cached_logits_equal_full_forward_at_every_position(params):
+    rng = np.random.default_rng(0)
+    for prompt_len in (1, 5, 11):
+        tokens = rng.integers(0, CFG.vocab_size, (2, CFG.block_size)).astype(np.int32)
+        full = np.asarray(forward(CFG, params, jnp.asarray(tokens)))
+        # Prefill the prompt (padded to the buffer), then feed the rest one token at a time.
+        padded = np.where(np.arange(CFG.block_size) < prompt_len, tokens, 0)
+        logits, cache = forward_cached(CFG, params, jnp.asarray(padded), empty_cache(CFG, 2), 0)
+        np.testing.assert_allclose(np.asarray(logits)[:, :prompt_len], full[:, :prompt_len], atol=1e-5, rtol=0)
+        for t in range(prompt_len, CFG.block_size):
+            logits, cache = forward_cached(CFG, params, jnp.asarray(tokens[:, t:t + 1]), cache, t)
+            np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5, rtol=0)
+
+
+def naive_greedy(params, prompt, n_new):
+    """The seed's sampler: re-run the whole (cropped) context for every new token."""
+    ids = list(prompt)
+    for _ in range(n_new):
+        context = jnp.asarray([ids[-CFG.block_size:]], jnp.int32)
+        ids.append(int(jnp.argmax(forward(CFG, params, context)[0, -1])))
+    return ids[len(prompt):]
+
+
+def cached_tokens(sampler, prompt, n_new, seed=0, rows=(0,), **settings):
+    chunks = list(sampler.generate(np.asarray(prompt), n_new, row_keys(seed, rows), **settings))
+    return np.concatenate(chunks, axis=1)
+
+
+def test_greedy_with_shift_1_equals_naive_recompute(params):
+    prompt = [3, 1, 4, 1, 5]
+    n_new = 2 * CFG.block_size
+    sampler = Sampler(CFG, params, batch_size=1, chunk=8, shift=1)
+    got = cached_tokens(sampler, prompt, n_new, temperature=0.0)[0].tolist()
+    assert got == naive_greedy(params, prompt, n_new)
+    assert len(set(got)) > 3  # not a degenerate repeat of one token
+
+
+def test_larger_shift_agrees_until_the_first_refill(params):
+    prompt = [2, 7]
+    before_refill = CFG.block_size - len(prompt) + 1  # the first refill feeds token block_size - len + 1
+    greedy = cached_tokens(Sampler(CFG, params, batch_size=1, chunk=8, shift=1), prompt, 40, temperature=0.0)
+    shifted = cached_tokens(Sampler(CFG, params, batch_size=1, chunk=8, shift=8), prompt, 40, temperature=0.0)
+    np.testing.assert_array_equal(greedy[:, :before_refill], shifted[:, :before_refill])
+
+
+def test_long_prompt_keeps_its_last_block(params):
+    prompt = np.random.default_rng(1).integers(0, CFG.vocab_size, 40)
+    sampler = Sampler(CFG, params, batch_size=1, chunk=8, shift=1)
+    np.testing.assert_array_equal(cached_tokens(sampler, prompt, 10, temperature=0.0)[0],
+                                  naive_greedy(params, prompt[-CFG.block_size:].tolist(), 10))
+
+
+def test_filter_top_k_and_top_p_on_hand_made_logits():
+    logits = jnp.log(jnp.array([[0.1, 0.4, 0.3, 0.2]]))
+    kept = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, jnp.int32(k), jnp.float32(p))))[0].tolist()
+    assert kept(0, 1.0) == [True, True, True, True]
+    assert kept(2, 1.0) == [False, True, True, False]
+    assert kept(1, 1.0) == [False, True, False, False]
+    assert kept(0, 0.6) == [False, True, True, False]  # 0.4 < 0.6, 0.4 + 0.3 reaches it
+    assert kept(0, 0.4) == [False, True, False, False]
+    assert kept(0, 0.75) == [False, True, True, True]
+    assert kept(3, 0.95) == [False, True, True, True]  # top_k first, then top_p over what is left
+    assert kept(0, 1e-6) == [False, True, False, False]  # the most likely always stays
+
+
+def test_draws_follow_the_filtered_distribution():
+    probs = np.array([0.1, 0.4, 0.3, 0.2])
+    logits = jnp.log(jnp.tile(jnp.asarray(probs, jnp.float32), (20000, 1)))
+    keys = jax.random.split(jax.random.key(0), 20000)
+    tokens = np.asarray(sample_tokens(logits, keys, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0)))
+    np.testing.assert_allclose(np.bincount(tokens, minlength=4) / len(tokens), probs, atol=0.015)
+    tokens = np.asarray(sample_tokens(logits, keys, jnp.float32(1.0), jnp.int32(2), jnp.float32(1.0)))
+    np.testing.assert_allclose(np.bincount(tokens, minlength=4) / len(tokens), [0, 4 / 7, 3 / 7, 0], atol=0.015)
+    greedy = np.asarray(sample_tokens(logits, keys, jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0)))
+    assert set(greedy.tolist()) == {1}
+
+
+def test_seeds_and_rows(params):
+    sampler = Sampler(CFG, params, batch_size=8, chunk=8)
+    rows = list(range(8))
+    a = cached_tokens(sampler, [1, 2, 3], 30, seed=0, rows=rows)
+    np.testing.assert_array_equal(a, cached_tokens(sampler, [1, 2, 3], 30, seed=0, rows=rows))
+    assert not np.array_equal(a, cached_tokens(sampler, [1, 2, 3], 30, seed=1, rows=rows))
+    assert len({tuple(r) for r in a.tolist()}) == 8  # the rows of a batch differ
+    one = Sampler(CFG, params, batch_size=1, chunk=8)
+    for r in (0, 5):  # each row is what a batch of one gives with that row's key
+        np.testing.assert_array_equal(a[r], cached_tokens(one, [1, 2, 3], 30, seed=0, rows=[r])[0])
+
+
+def test_one_compilation_serves_every_prompt_length(params):
+    compiles = []
+    listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        sampler = Sampler(CFG, params, batch_size=2, chunk=8)
+        cached_tokens(sampler, [1], 20, rows=[0, 1])
+        after_first = len(compiles)
+        for prompt_len in (2, 7, 15, 16, 30):
+            cached_tokens(sampler, list(range(prompt_len)), 12, rows=[0, 1], temperature=0.5, top_k=3, top_p=0.9)
+        assert after_first > 0 and len(compiles) == after_first
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)

@@ -1,0 +1,122 @@
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from orpheus_jax import OrpheusError, data
+from orpheus_jax.model import GPTConfig
+from orpheus_jax.optim import make_optimizer
+from orpheus_jax.sharding import make_mesh, replicated
+from orpheus_jax.train import init_state, loss_fn, make_eval_step, make_train_step, train
+from orpheus_jax.tokenizer import CharTokenizer
+
+
+def run_steps(cfg, tokens, devices, n):
+    """n train steps on a mesh over `devices`; returns (losses, final params as NumPy)."""
+    mesh = make_mesh(devices)
+    model_cfg = GPTConfig.from_run_config(cfg, 66)
+    optimizer = make_optimizer(cfg)
+    rep = replicated(mesh)
+    state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer), out_shardings=rep)()
+    step = make_train_step(cfg, model_cfg, optimizer, mesh)
+    data = jax.device_put(tokens, rep)
+    losses = []
+    for _ in range(n):
+        state, loss = step(state, data)
+        losses.extend(np.asarray(loss).tolist())
+    return np.array(losses), jax.tree.map(np.asarray, state.params)
+
+
+@pytest.fixture(scope="module")
+def iliad_tokens(iliad_path):
+    text = open(iliad_path, encoding="utf-8").read()
+    return CharTokenizer.from_text(text).encode(text)
+
+
+def test_initial_loss_is_uniform(tiny_cfg, iliad_tokens):
+    model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
+    state = init_state(tiny_cfg, model_cfg, make_optimizer(tiny_cfg))
+    loss = make_eval_step(tiny_cfg, model_cfg, make_mesh())(state.params, iliad_tokens, jax.random.key(0))
+    assert abs(float(loss) - math.log(66)) < 0.05
+
+
+def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens):
+    assert len(jax.devices()) == 8
+    tiny_cfg.dropout = 0.2  # dropout on: masks must not depend on how the batch is split
+    one_losses, one_params = run_steps(tiny_cfg, iliad_tokens, jax.devices()[:1], 3)
+    all_losses, all_params = run_steps(tiny_cfg, iliad_tokens, jax.devices(), 3)
+    np.testing.assert_allclose(one_losses, all_losses, atol=1e-5, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), one_params, all_params)
+    assert not np.allclose(one_losses[0], one_losses[-1])  # it did train
+
+
+def test_steps_per_call_takes_the_same_steps(tiny_cfg, iliad_tokens):
+    single_losses, single_params = run_steps(tiny_cfg, iliad_tokens, None, 4)
+    tiny_cfg.steps_per_call = 2
+    scan_losses, scan_params = run_steps(tiny_cfg, iliad_tokens, None, 2)
+    np.testing.assert_allclose(single_losses, scan_losses, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), single_params, scan_params)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, iliad_tokens):
+    """Two micro-batches of 8 must step exactly like one batch of their 16 rows."""
+    tiny_cfg.update(dropout=0.0, batch_size=8, grad_accum_steps=2)
+    model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
+    optimizer = make_optimizer(tiny_cfg)
+    state = init_state(tiny_cfg, model_cfg, optimizer)
+    tokens = jnp.asarray(iliad_tokens)
+    # The micro-batches the step draws: key of step 0, split per micro-batch, then (batch, dropout).
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=tiny_cfg.prng_impl), 0)
+    micro = [data.sample_batch(tokens, jax.random.split(k)[0], 8, tiny_cfg.block_size)
+             for k in jax.random.split(step_key, 2)]
+    inputs, targets = (jnp.concatenate(parts) for parts in zip(*micro))
+    grads = jax.grad(lambda p: loss_fn(model_cfg, p, inputs, targets))(state.params)
+    updates, _ = optimizer.update(grads, state.opt_state, state.params)
+    expected = optax.apply_updates(state.params, updates)
+
+    new_state, _ = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())(state, tokens)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new_state.params, expected)
+
+
+def test_overfits_a_short_text(tiny_cfg, tmp_path):
+    text = "Sing, O goddess, the anger of Achilles son of Peleus. " * 4
+    path = tmp_path / "short.txt"
+    path.write_text(text)
+    tiny_cfg.update(block_size=16, dropout=0.0, max_iters=300, warmup_iters=10, eval_interval=300,
+                    checkpoint_interval=300, log_interval=300, eval_iters=4, val_fraction=0.25,
+                    learning_rate=1e-2, min_lr=1e-4)
+    train(tiny_cfg, str(tmp_path / "run"), str(path))
+    evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if "train_loss" in line]
+    # From uniform over 22 characters (ln 22 = 3.09) to little more than the first characters of
+    # each window cost, having no context to place them in the sentence.
+    assert evals[0]["train_loss"] > 2.9 and evals[-1]["train_loss"] < 0.2
+
+
+def read_losses(workdir):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r}
+
+
+def test_resume_is_exact(tiny_cfg, small_text_path, tmp_path):
+    tiny_cfg.update(max_iters=8, lr_decay_iters=16, log_interval=1, eval_interval=4, checkpoint_interval=4)
+    straight = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "a"), small_text_path)
+    tiny_cfg.max_iters = 4
+    train(tiny_cfg, str(tmp_path / "b"), small_text_path)  # N steps, then the process "stops"
+    tiny_cfg.max_iters = 8
+    resumed = train(tiny_cfg, str(tmp_path / "b"), small_text_path)  # resume, N more
+    assert int(resumed.step) == 8
+    np.testing.assert_array_equal(list(read_losses(tmp_path / "a").values()),
+                                  list(read_losses(tmp_path / "b").values()))
+    jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+    jax.tree.map(np.testing.assert_array_equal, straight.opt_state, resumed.opt_state)
+
+
+def test_other_model_in_workdir_is_refused(tiny_cfg, small_text_path, tmp_path):
+    tiny_cfg.max_iters = tiny_cfg.checkpoint_interval = 2
+    train(tiny_cfg, str(tmp_path), small_text_path)
+    tiny_cfg.n_layer = 3
+    with pytest.raises(OrpheusError, match="different model .*n_layer 2 vs 3"):
+        train(tiny_cfg, str(tmp_path), small_text_path)

@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Train Orpheus-JAX on the Iliad (or your own text).
+
+    python train.py                                   # seed recipe on an accelerator, CPU preset otherwise
+    python train.py --config configs/tiny.py --workdir runs/tiny --config.max_iters=100
+    python train.py --data my_text.txt --config.batch_size=32
+
+Re-running with the same --workdir resumes from its latest checkpoint; Ctrl-C saves one and exits.
+"""
+import os
+import sys
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from orpheus_jax import OrpheusError, config as config_lib, data
+from orpheus_jax.cache import enable_compilation_cache
+from orpheus_jax.train import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SEED_CONFIG = os.path.join(HERE, "configs", "iliad_char.py")
+CPU_CONFIG = os.path.join(HERE, "configs", "iliad_char_cpu.py")
+
+
+def default_config_path() -> str:
+    # Decided before flag parsing, so --config.KEY=VALUE overrides apply to the default too.
+    if any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:]):
+        return SEED_CONFIG  # replaced by the flag anyway
+    return SEED_CONFIG if jax.default_backend() != "cpu" else CPU_CONFIG
+
+
+config_flags.DEFINE_config_file("config", default_config_path(), "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
+flags.DEFINE_string("data", None, "Training text (default: $ORPHEUS_DATA, else the Iliad, downloaded once).")
+FLAGS = flags.FLAGS
+
+
+def main() -> None:
+    try:
+        FLAGS(sys.argv)
+        cfg = FLAGS.config
+        cfg.keys()  # a config file that failed to load raises only when first used
+    except flags.Error as e:
+        raise OrpheusError(str(e).splitlines()[0]) from None
+    except AttributeError as e:  # --config.KEY=VALUE with a KEY the config doesn't have
+        raise OrpheusError(f"unknown config key: {str(e).strip(chr(34) + chr(39))}") from None
+    except Exception as e:  # the config file: missing, or raising when executed
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise OrpheusError(f"cannot load the config: {' '.join(lines[-2:])}") from None
+    config_lib.validate(cfg)
+    config_file = config_flags.get_config_filename(FLAGS["config"])
+    name = os.path.splitext(os.path.basename(config_file))[0]
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:]):
+        if os.path.abspath(config_file) == CPU_CONFIG:
+            print(f"No accelerator found: training the CPU preset ({os.path.relpath(CPU_CONFIG)}). "
+                  f"On a GPU/TPU the default is the seed recipe ({os.path.relpath(SEED_CONFIG)}).", flush=True)
+    workdir = FLAGS.workdir or os.path.join("runs", name)
+    enable_compilation_cache()
+    train(cfg, workdir, data.resolve_corpus(FLAGS.data))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except OrpheusError as e:
+        print(f"error: {e}", file=sys.__stderr__, flush=True)
+        # No work is pending on this path; skip interpreter teardown, where Orbax/tensorstore
+        # threads of a failed restore print tracebacks into a closed event loop.
+        os._exit(1)
+    except KeyboardInterrupt:
+        print("Interrupted before training started: nothing to save.", file=sys.stderr)
+        sys.exit(130)
