@@ -9,7 +9,6 @@ import urllib.error
 import urllib.request
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
