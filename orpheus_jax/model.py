@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-KVCache = tuple  # per layer: (key_BLHK, value_BLHK)
+KVCache = tuple  # per layer: (key_BHLK, value_BHLK)
 
 _init = nn.initializers.normal(stddev=0.02)  # the seed's init for linears and embeddings
 # LayerNorm epsilon 1e-5 as in PyTorch, so the seed's weights give the seed's logits.
@@ -33,6 +33,7 @@ class GPTConfig:
     pos_encoding: str = "learned"  # or "sinusoidal"
     attn_scale: str = "head"  # scores * head_size**-0.5; "embd": * n_embd**-0.5, as the seed's code
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    dropout_rng: str = "jax"  # "hash": dropout bits from a counter hash, ~30x cheaper than JAX's PRNG on CPU
 
     @classmethod
     def from_run_config(cls, cfg, vocab_size: int) -> "GPTConfig":
@@ -51,6 +52,40 @@ def sinusoidal_positions(pos_T: jax.Array, dim: int) -> jax.Array:
     return jnp.stack([jnp.sin(angle_TI), jnp.cos(angle_TI)], axis=-1).reshape(pos_T.shape[0], dim)[:, :dim]
 
 
+def _hash_uint32(x):
+    """murmur3's finalizer: a cheap, well-mixed 32-bit hash."""
+    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def hash_bits(shape, seed_2) -> jax.Array:
+    """uint32 bits, a hash of (each element's flat index, seed): sharding-invariant, like JAX's threefry."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return _hash_uint32(_hash_uint32(index * jnp.uint32(0x9E3779B1) ^ seed_2[0]) ^ seed_2[1])
+
+
+class Dropout(nn.Module):
+    """Inverted dropout, with its bits from JAX's PRNG (as nn.Dropout) or from `hash_bits`."""
+    rate: float
+    rng: str = "jax"
+
+    @nn.compact
+    def __call__(self, x, *, deterministic: bool):
+        if deterministic or self.rate == 0:
+            return x
+        key = self.make_rng("dropout")
+        if self.rng == "hash":
+            keep = hash_bits(x.shape, jax.random.bits(key, (2,), jnp.uint32)) >= jnp.uint32(round(self.rate * 2**32))
+        else:
+            keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
@@ -59,30 +94,29 @@ class CausalSelfAttention(nn.Module):
         c = self.config
         dense_heads = lambda name: nn.DenseGeneral((c.n_head, c.head_size), use_bias=False, dtype=c.dtype,
                                                    kernel_init=_init, name=name)
-        q_BTHK = dense_heads("query")(x_BTD)
-        k_BTHK = dense_heads("key")(x_BTD)
-        v_BTHK = dense_heads("value")(x_BTD)
+        # Heads before positions: the layout both attention matmuls want, so the buffer is never transposed.
+        q_BHTK, k_BHTK, v_BHTK = (dense_heads(name)(x_BTD).transpose(0, 2, 1, 3) for name in ("query", "key", "value"))
 
         if kv is None:  # training / full forward: attend within the chunk
-            k_BSHK, v_BSHK, pos_S = k_BTHK, v_BTHK, pos_T
+            k_BHSK, v_BHSK, pos_S = k_BHTK, v_BHTK, pos_T
         else:  # write this chunk into the buffer at its positions, attend over the whole buffer
-            key_BLHK, value_BLHK = kv
-            at = (0, pos_T[0], 0, 0)
-            k_BSHK = lax.dynamic_update_slice(key_BLHK, k_BTHK.astype(key_BLHK.dtype), at)
-            v_BSHK = lax.dynamic_update_slice(value_BLHK, v_BTHK.astype(value_BLHK.dtype), at)
-            pos_S = jnp.arange(k_BSHK.shape[1])
-            kv = (k_BSHK, v_BSHK)
+            key_BHLK, value_BHLK = kv
+            at = (0, 0, pos_T[0], 0)
+            k_BHSK = lax.dynamic_update_slice(key_BHLK, k_BHTK.astype(key_BHLK.dtype), at)
+            v_BHSK = lax.dynamic_update_slice(value_BHLK, v_BHTK.astype(value_BHLK.dtype), at)
+            pos_S = jnp.arange(k_BHSK.shape[2])
+            kv = (k_BHSK, v_BHSK)
 
         scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
-        scores_BHTS = jnp.einsum("bthk,bshk->bhts", q_BTHK * scale, k_BSHK.astype(q_BTHK.dtype))
+        scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK * scale, k_BHSK.astype(q_BHTK.dtype))
         # Causal by absolute position: buffer slots past the query (unwritten or stale) are masked too.
         visible_TS = pos_S[None, :] <= pos_T[:, None]
         scores_BHTS = jnp.where(visible_TS, scores_BHTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
         weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(c.dtype)
-        weights_BHTS = nn.Dropout(c.dropout)(weights_BHTS, deterministic=deterministic)
-        out_BTHK = jnp.einsum("bhts,bshk->bthk", weights_BHTS, v_BSHK.astype(c.dtype))
+        weights_BHTS = Dropout(c.dropout, c.dropout_rng)(weights_BHTS, deterministic=deterministic)
+        out_BTHK = jnp.einsum("bhts,bhsk->bthk", weights_BHTS, v_BHSK.astype(c.dtype))
         y_BTD = nn.DenseGeneral(c.n_embd, axis=(-2, -1), dtype=c.dtype, kernel_init=_init, name="proj")(out_BTHK)
-        return nn.Dropout(c.dropout)(y_BTD, deterministic=deterministic), kv
+        return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic), kv
 
 
 class MLP(nn.Module):
@@ -93,7 +127,7 @@ class MLP(nn.Module):
         c = self.config
         h_BTF = nn.relu(nn.Dense(4 * c.n_embd, dtype=c.dtype, kernel_init=_init, name="fc")(x_BTD))
         y_BTD = nn.Dense(c.n_embd, dtype=c.dtype, kernel_init=_init, name="out")(h_BTF)
-        return nn.Dropout(c.dropout)(y_BTD, deterministic=deterministic)
+        return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic)
 
 
 class Block(nn.Module):
@@ -150,7 +184,7 @@ def forward_cached(config: GPTConfig, params, tokens_BT, cache: KVCache, start):
 
 
 def empty_cache(config: GPTConfig, batch_size: int, dtype=None) -> KVCache:
-    shape = (batch_size, config.block_size, config.n_head, config.head_size)
+    shape = (batch_size, config.n_head, config.block_size, config.head_size)
     dtype = dtype or config.dtype
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
 

@@ -88,6 +88,20 @@ def test_dropout_only_when_not_deterministic():
     assert not np.allclose(a, det) and not np.allclose(a, b)
 
 
+@pytest.mark.parametrize("dropout_rng", ["jax", "hash"])
+def test_dropout_masks_have_the_right_rate_and_vary(dropout_rng):
+    from orpheus_jax.model import Dropout
+    x = jnp.ones((64, 6, 64, 64))
+    drop = lambda seed: Dropout(0.2, dropout_rng).apply({}, x, deterministic=False,
+                                                        rngs={"dropout": jax.random.key(seed)})
+    a, b = np.asarray(drop(0)), np.asarray(drop(1))
+    assert set(np.unique(a).tolist()) == {0.0, 1.25}  # inverted dropout: kept values scaled by 1/0.8
+    assert abs((a == 0).mean() - 0.2) < 0.002 and abs((b == 0).mean() - 0.2) < 0.002
+    assert abs(((a == 0) & (b == 0)).mean() - 0.04) < 0.002  # masks of two keys independent
+    assert abs(((a[..., 1:] == 0) & (a[..., :-1] == 0)).mean() - 0.04) < 0.002  # neighbours too
+    np.testing.assert_array_equal(a, np.asarray(drop(0)))
+
+
 def test_bfloat16_compute_keeps_float32_params():
     c = GPTConfig(**{**TINY.__dict__, "dtype": "bfloat16"})
     params = init_params(c, jax.random.key(4))

@@ -44,10 +44,11 @@ def test_initial_loss_is_uniform(tiny_cfg, iliad_tokens):
     assert abs(float(loss) - math.log(66)) < 0.05
 
 
-@pytest.mark.parametrize("prng_impl", ["threefry2x32", "rbg", "unsafe_rbg"])
-def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens, prng_impl):
+@pytest.mark.parametrize("prng_impl, dropout_rng", [
+    ("threefry2x32", "jax"), ("rbg", "jax"), ("unsafe_rbg", "jax"), ("threefry2x32", "hash")])
+def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens, prng_impl, dropout_rng):
     assert len(jax.devices()) == 8
-    tiny_cfg.prng_impl = prng_impl
+    tiny_cfg.prng_impl, tiny_cfg.dropout_rng = prng_impl, dropout_rng
     tiny_cfg.dropout = 0.2  # dropout on: masks must not depend on how the batch is split
     one_losses, one_params = run_steps(tiny_cfg, iliad_tokens, jax.devices()[:1], 3)
     all_losses, all_params = run_steps(tiny_cfg, iliad_tokens, jax.devices(), 3)
