@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--batch", default="1,16", help="batch sizes (rows), comma-separated")
     ap.add_argument("--reps", type=int, default=3, help="timed generations per setting")
     ap.add_argument("--chunk", type=int, default=128, help="Sampler chunk: tokens per decode call")
+    ap.add_argument("--shift", type=int, default=None, help="Sampler shift (default: block_size // 2; 1 = the seed's crop)")
     ap.add_argument("--naive_new", default="500", help="new tokens for the naive sampler (its cost per token "
                     "is fixed, so longer runs only cost time)")
     ap.add_argument("--naive_batch", default="1", help="batch sizes for the naive sampler ('' to skip it)")
@@ -126,7 +127,7 @@ def main():
             report.add("x_weight_bound", ms / 1e3 / bound_s, "", labels, note="ms_per_step / weight bound")
 
     for batch in batches:
-        sampler = Sampler(model_cfg, params, batch_size=batch, chunk=args.chunk)
+        sampler = Sampler(model_cfg, params, batch_size=batch, chunk=args.chunk, shift=args.shift)
         keys = row_keys(0, range(batch))
         generate = lambda n: [t for t in sampler.generate([newline], n, keys)]  # noqa: E731
         generate(model_cfg.block_size + 1)  # compiles prefill, decode and refill

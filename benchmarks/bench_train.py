@@ -128,7 +128,8 @@ def main():
     tokenizer, tokens = _common.load_corpus()
     for name in names:
         cfg, overrides = make_config(name, args.set)
-        labels = dict(config=name, dtype=cfg.dtype, prng_impl=cfg.prng_impl, steps_per_call=cfg.steps_per_call)
+        labels = dict(config=name, dtype=cfg.dtype, prng_impl=cfg.prng_impl, dropout_rng=cfg.dropout_rng,
+                      steps_per_call=cfg.steps_per_call)
         extra = dict(overrides=overrides, batch_size=cfg.batch_size, block_size=cfg.block_size, dropout=cfg.dropout)
         n_params, compile_s, step_s = bench_steady_state(cfg, tokens, tokenizer.vocab_size, args.steps, args.warmup)
         tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
