@@ -37,8 +37,9 @@ class GPTConfig:
 
     @classmethod
     def from_run_config(cls, cfg, vocab_size: int) -> "GPTConfig":
-        fields = [f.name for f in dataclasses.fields(cls) if f.name != "vocab_size"]
-        return cls(vocab_size=vocab_size, **{name: cfg[name] for name in fields})
+        # A run saved before a key existed gets that key's default (e.g. dropout_rng).
+        fields = [f for f in dataclasses.fields(cls) if f.name != "vocab_size"]
+        return cls(vocab_size=vocab_size, **{f.name: cfg.get(f.name, f.default) for f in fields})
 
     @property
     def head_size(self) -> int:
