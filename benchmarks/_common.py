@@ -44,11 +44,11 @@ def time_calls(fn, reps: int, warmup: int = 1) -> list[float]:
     return times
 
 
-def matmul_flops(dtype, n: int = 2048, reps: int = 5) -> list[float]:
+def matmul_flops(dtype, n: int = 2048, reps: int = 5, compiler_options=None) -> list[float]:
     """FLOP/s samples of a jitted n x n x n matmul with float32 accumulation and output."""
     a_NN = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b_NN = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), compiler_options=compiler_options)
     return [2 * n ** 3 / t for t in time_calls(lambda: dot(a_NN, b_NN).block_until_ready(), reps, warmup=2)]
 
 

@@ -15,6 +15,7 @@ ATTN_SCALES = ("head", "embd")
 DTYPES = ("float32", "bfloat16")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 DROPOUT_RNGS = ("jax", "hash")
+CPU_DOTS = ("onednn", "xla")
 
 # Keys that fix the shapes of the parameters: a checkpoint only fits a config that agrees on them.
 MODEL_SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pos_encoding")
@@ -24,7 +25,7 @@ REQUIRED_KEYS = (
     "n_layer", "n_head", "n_embd", "dropout", "seed", "min_lr", "warmup_iters", "weight_decay",
     "beta1", "beta2", "grad_clip", "grad_accum_steps", "pos_encoding", "attn_scale", "dtype",
     "prng_impl", "val_fraction", "checkpoint_interval", "keep_checkpoints", "log_interval",
-    "steps_per_call", "lr_decay_iters", "dropout_rng",
+    "steps_per_call", "lr_decay_iters", "dropout_rng", "cpu_dots",
 )
 
 
@@ -56,6 +57,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg.attn_scale in ATTN_SCALES, f"attn_scale must be one of {ATTN_SCALES}, got {cfg.attn_scale!r}")
     check(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     check(cfg.dropout_rng in DROPOUT_RNGS, f"dropout_rng must be one of {DROPOUT_RNGS}, got {cfg.dropout_rng!r}")
+    check(cfg.cpu_dots in CPU_DOTS, f"cpu_dots must be one of {CPU_DOTS}, got {cfg.cpu_dots!r}")
     check(cfg.prng_impl in PRNG_IMPLS, f"prng_impl must be one of {PRNG_IMPLS}, got {cfg.prng_impl!r}")
     for key in ("max_iters", "eval_interval", "checkpoint_interval", "log_interval"):
         check(cfg[key] % cfg.steps_per_call == 0,

@@ -5,7 +5,7 @@ optional explicit key/value buffer and the absolute position of its first query,
 prefills a whole prompt in one pass and decodes token by token with the same blocks.
 
 Shape suffixes: B batch, T query positions, S key positions, L buffer length (= block_size),
-D n_embd, H heads, K head size, F MLP width, V vocabulary.
+D n_embd, H heads, K head size, N = B*H (attention batch), F MLP width, V vocabulary.
 """
 import dataclasses
 import math
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-KVCache = tuple  # per layer: (key_BHLK, value_BHLK)
+KVCache = tuple  # per layer: (key_NLK, value_NLK), N = B * H
 
 _init = nn.initializers.normal(stddev=0.02)  # the seed's init for linears and embeddings
 # LayerNorm epsilon 1e-5 as in PyTorch, so the seed's weights give the seed's logits.
@@ -95,27 +95,31 @@ class CausalSelfAttention(nn.Module):
         c = self.config
         dense_heads = lambda name: nn.DenseGeneral((c.n_head, c.head_size), use_bias=False, dtype=c.dtype,
                                                    kernel_init=_init, name=name)
-        # Heads before positions: the layout both attention matmuls want, so the buffer is never transposed.
-        q_BHTK, k_BHTK, v_BHTK = (dense_heads(name)(x_BTD).transpose(0, 2, 1, 3) for name in ("query", "key", "value"))
+        B, T, H, K = x_BTD.shape[0], x_BTD.shape[1], c.n_head, c.head_size
+        # Batch and heads merged, positions next (N = B*H): the layout of both attention matmuls. The
+        # buffer is kept in it too, so its update feeds the matmul directly; any reshape in between
+        # led XLA:CPU to fuse the update twice and copy every buffer at every decode step.
+        q_NTK, k_NTK, v_NTK = (dense_heads(name)(x_BTD).transpose(0, 2, 1, 3).reshape(B * H, T, K)
+                               for name in ("query", "key", "value"))
 
         if kv is None:  # training / full forward: attend within the chunk
-            k_BHSK, v_BHSK, pos_S = k_BHTK, v_BHTK, pos_T
+            k_NSK, v_NSK, pos_S = k_NTK, v_NTK, pos_T
         else:  # write this chunk into the buffer at its positions, attend over the whole buffer
-            key_BHLK, value_BHLK = kv
-            at = (0, 0, pos_T[0], 0)
-            k_BHSK = lax.dynamic_update_slice(key_BHLK, k_BHTK.astype(key_BHLK.dtype), at)
-            v_BHSK = lax.dynamic_update_slice(value_BHLK, v_BHTK.astype(value_BHLK.dtype), at)
-            pos_S = jnp.arange(k_BHSK.shape[2])
-            kv = (k_BHSK, v_BHSK)
+            at = (0, pos_T[0], 0)
+            k_NSK, v_NSK = (lax.dynamic_update_slice(buffer_NLK, new_NTK.astype(buffer_NLK.dtype), at)
+                            for buffer_NLK, new_NTK in zip(kv, (k_NTK, v_NTK)))
+            kv = (k_NSK, v_NSK)
+            pos_S = jnp.arange(k_NSK.shape[1])
 
         scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
-        scores_BHTS = jnp.einsum("bhtk,bhsk->bhts", q_BHTK * scale, k_BHSK.astype(q_BHTK.dtype))
+        scores_NTS = jnp.einsum("ntk,nsk->nts", q_NTK * scale, k_NSK.astype(q_NTK.dtype))
         # Causal by absolute position: buffer slots past the query (unwritten or stale) are masked too.
         visible_TS = pos_S[None, :] <= pos_T[:, None]
-        scores_BHTS = jnp.where(visible_TS, scores_BHTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        weights_BHTS = jax.nn.softmax(scores_BHTS, axis=-1).astype(c.dtype)
-        weights_BHTS = Dropout(c.dropout, c.dropout_rng)(weights_BHTS, deterministic=deterministic)
-        out_BTHK = jnp.einsum("bhts,bhsk->bthk", weights_BHTS, v_BHSK.astype(c.dtype))
+        scores_NTS = jnp.where(visible_TS, scores_NTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        weights_NTS = jax.nn.softmax(scores_NTS, axis=-1).astype(c.dtype)
+        weights_NTS = Dropout(c.dropout, c.dropout_rng)(weights_NTS, deterministic=deterministic)
+        out_NTK = jnp.einsum("nts,nsk->ntk", weights_NTS, v_NSK.astype(c.dtype))
+        out_BTHK = out_NTK.reshape(B, H, T, K).transpose(0, 2, 1, 3)
         y_BTD = nn.DenseGeneral(c.n_embd, axis=(-2, -1), dtype=c.dtype, kernel_init=_init, name="proj")(out_BTHK)
         return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic), kv
 
@@ -185,7 +189,7 @@ def forward_cached(config: GPTConfig, params, tokens_BT, cache: KVCache, start):
 
 
 def empty_cache(config: GPTConfig, batch_size: int, dtype=None) -> KVCache:
-    shape = (batch_size, config.n_head, config.block_size, config.head_size)
+    shape = (batch_size * config.n_head, config.block_size, config.head_size)
     dtype = dtype or config.dtype
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.n_layer))
 

@@ -21,7 +21,7 @@ from orpheus_jax.sharding import batch_sharded, make_mesh, replicated
 
 @flax.struct.dataclass
 class DecodeState:
-    cache: tuple  # per layer (key_BHLK, value_BHLK)
+    cache: tuple  # per layer (key_NLK, value_NLK), N = batch * heads
     window_BL: jax.Array  # the tokens in the buffer, at positions 0 .. length-1
     length: jax.Array  # int32: how many positions of the buffer hold context
     logits_BV: jax.Array  # logits for the next token

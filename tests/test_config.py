@@ -26,6 +26,7 @@ def test_seed_recipe():
     ("pos_encoding", "rope", "pos_encoding must be one of"),
     ("dtype", "float16", "dtype must be one of"),
     ("attn_scale", "sqrt", "attn_scale must be one of"),
+    ("cpu_dots", "mkl", "cpu_dots must be one of"),
 ])
 def test_bad_values_name_the_key(key, value, words):
     c = tiny.get_config()

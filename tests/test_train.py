@@ -11,7 +11,7 @@ from orpheus_jax import OrpheusError, data
 from orpheus_jax.model import GPTConfig
 from orpheus_jax.optim import make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
-from orpheus_jax.train import init_state, loss_fn, make_eval_step, make_train_step, train
+from orpheus_jax.train import _jaxlib_has_onednn_dots, init_state, loss_fn, make_eval_step, make_train_step, train
 from orpheus_jax.tokenizer import CharTokenizer
 
 
@@ -55,6 +55,23 @@ def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens, prng_impl, d
     np.testing.assert_allclose(one_losses, all_losses, atol=1e-5, rtol=0)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), one_params, all_params)
     assert not np.allclose(one_losses[0], one_losses[-1])  # it did train
+
+
+@pytest.mark.skipif(not _jaxlib_has_onednn_dots(), reason="this jaxlib has no oneDNN dot options")
+def test_onednn_dots_train_like_xla_dots(tiny_cfg, iliad_tokens):
+    """cpu_dots only moves the matmuls to another library: XLA's own dots are the reference."""
+    tiny_cfg.update(n_embd=64, batch_size=16, dropout=0.2)
+    model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
+    optimizer, mesh = make_optimizer(tiny_cfg), make_mesh()
+    state = jax.eval_shape(lambda: init_state(tiny_cfg, model_cfg, optimizer))
+    results = {}
+    for cpu_dots in ("onednn", "xla"):
+        tiny_cfg.cpu_dots = cpu_dots
+        hlo = make_train_step(tiny_cfg, model_cfg, optimizer, mesh).lower(state, iliad_tokens).compile().as_text()
+        assert ("__onednn_fusion" in hlo) == (cpu_dots == "onednn")
+        results[cpu_dots] = run_steps(tiny_cfg, iliad_tokens, None, 4)
+    np.testing.assert_allclose(results["onednn"][0], results["xla"][0], atol=1e-5, rtol=0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), results["onednn"][1], results["xla"][1])
 
 
 def test_steps_per_call_takes_the_same_steps(tiny_cfg, iliad_tokens):
