@@ -49,6 +49,20 @@ def test_train_writes_checkpoints_metrics_config_and_tokenizer(trained):
     assert "step 20: train loss" in result.stdout and "8 cpu device(s)" in result.stdout
 
 
+def test_train_step_is_kept_in_the_compilation_cache(small_text_path, tmp_path):
+    """What makes a second run start fast: with XLA's dots the compiled train step is written to disk."""
+    result = run("train.py", *TINY, "--workdir", str(tmp_path / "run"), "--data", small_text_path,
+                 "--config.cpu_dots=xla", "--config.max_iters=1", "--config.eval_interval=1",
+                 "--config.checkpoint_interval=1", "--config.log_interval=1", env={"ORPHEUS_CACHE": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert any(name.startswith("jit_train_steps-") for name in os.listdir(tmp_path / "xla"))
+
+
+def test_onednn_steps_missing_from_the_cache_is_not_warned_about(trained):
+    """jaxlib cannot serialize oneDNN steps (cpu_dots's default on CPU); that is expected, not news."""
+    assert "Error writing persistent compilation cache" not in trained[1].stderr
+
+
 def test_second_run_resumes_and_continues(trained, small_text_path, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(trained[0], workdir)
