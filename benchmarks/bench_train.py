@@ -28,7 +28,7 @@ from orpheus_jax import config as config_lib, data
 from orpheus_jax.model import GPTConfig, count_params
 from orpheus_jax.optim import make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
-from orpheus_jax.train import ONEDNN_DOTS, _jaxlib_has_onednn_dots, init_state, make_train_step
+from orpheus_jax.train import ONEDNN_DOTS, init_state, jaxlib_has_onednn_dots, make_train_step
 
 # Both from the seed recipe (dropout 0.2); `small` is the torch reference's small config.
 PRESETS = {
@@ -120,7 +120,7 @@ def main():
     report = Report("train", **_common.machine_info())
     peak = {}
     # The peak is the better of XLA's default dot library and oneDNN (cpu_dots), so no setting flatters itself.
-    libraries = {"xla": {}, "onednn": ONEDNN_DOTS} if _jaxlib_has_onednn_dots() else {"xla": {}}
+    libraries = {"xla": {}, "onednn": ONEDNN_DOTS} if jaxlib_has_onednn_dots() else {"xla": {}}
     for dtype in (jnp.float32, jnp.bfloat16):
         for library, options in libraries.items():
             samples = [f / 1e9 for f in _common.matmul_flops(dtype, reps=args.reps, compiler_options=options)]

@@ -68,8 +68,8 @@ def loss_fn(model_cfg, params, inputs_BT, targets_BT, rng=None, deterministic=Tr
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()
 
 
-# XLA:CPU hands each dot to oneDNN instead of its default library: 3 to 23% faster train steps on
-# the two CPUs measured (benchmarks/RESULTS.md), but 3x slower batch-1 decoding, so the sampler
+# XLA:CPU hands each dot to oneDNN instead of its default library: 0 to 23% faster train steps
+# (benchmarks/RESULTS.md), but 2 to 3x slower batch-1 matvecs, so the sampler
 # keeps XLA's choice. Accelerators never see these options.
 ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
                "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
@@ -79,7 +79,7 @@ warnings.filterwarnings("ignore", message=r"Error writing persistent compilation
 
 
 @functools.cache
-def _jaxlib_has_onednn_dots() -> bool:
+def jaxlib_has_onednn_dots() -> bool:
     try:  # the options are experimental: a jaxlib that lacks them rejects them at compile time
         jax.jit(lambda x: x @ x, compiler_options=ONEDNN_DOTS).lower(jnp.ones((2, 2))).compile()
         return True
@@ -90,7 +90,7 @@ def _jaxlib_has_onednn_dots() -> bool:
 def compiler_options(cfg, mesh) -> dict:
     """XLA options for the train and eval steps: oneDNN dots on CPU when cfg.cpu_dots asks for them."""
     on_cpu = mesh.devices.flat[0].platform == "cpu"
-    return ONEDNN_DOTS if cfg.cpu_dots == "onednn" and on_cpu and _jaxlib_has_onednn_dots() else {}
+    return ONEDNN_DOTS if cfg.cpu_dots == "onednn" and on_cpu and jaxlib_has_onednn_dots() else {}
 
 
 def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):

@@ -11,7 +11,7 @@ from orpheus_jax import OrpheusError, data
 from orpheus_jax.model import GPTConfig
 from orpheus_jax.optim import make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
-from orpheus_jax.train import _jaxlib_has_onednn_dots, init_state, loss_fn, make_eval_step, make_train_step, train
+from orpheus_jax.train import init_state, jaxlib_has_onednn_dots, loss_fn, make_eval_step, make_train_step, train
 from orpheus_jax.tokenizer import CharTokenizer
 
 
@@ -57,7 +57,7 @@ def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens, prng_impl, d
     assert not np.allclose(one_losses[0], one_losses[-1])  # it did train
 
 
-@pytest.mark.skipif(not _jaxlib_has_onednn_dots(), reason="this jaxlib has no oneDNN dot options")
+@pytest.mark.skipif(not jaxlib_has_onednn_dots(), reason="this jaxlib has no oneDNN dot options")
 def test_onednn_dots_train_like_xla_dots(tiny_cfg, iliad_tokens):
     """cpu_dots only moves the matmuls to another library: XLA's own dots are the reference."""
     tiny_cfg.update(n_embd=64, batch_size=16, dropout=0.2)
