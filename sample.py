@@ -3,7 +3,7 @@
 
     python sample.py --workdir runs/iliad_char_cpu --prompt "Achilles" --max_new_tokens 300
     python sample.py --workdir runs/iliad_char_cpu --num_samples 4 --temperature 0.8 --top_k 20
-    python sample.py --workdir runs/iliad_char_cpu --stream --stop "\\n\\n"
+    python sample.py --workdir runs/iliad_char_cpu --stream --stop '\n\n'    # up to the first blank line
 
 Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
 """
@@ -33,7 +33,9 @@ def parse_args(argv):
     p.add_argument("--shift", type=int, default=None,
                    help="when the context is full, drop this many oldest tokens and re-prefill "
                         "(1 = the seed's crop-and-recompute, exact; default block_size // 2)")
-    p.add_argument("--stop", default=None, help="end a sample at the first occurrence of this text")
+    p.add_argument("--stop", default=None,
+                   help="end a sample at the first occurrence of this text; escapes such as \\n and \\t are "
+                        "decoded, so --stop '\\n\\n' stops at a blank line")
     p.add_argument("--stream", action="store_true", help="print characters as they are produced")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: the run's)")
@@ -52,7 +54,27 @@ def parse_args(argv):
         raise OrpheusError(f"--top_k must be >= 0, got {args.top_k}")
     if args.num_samples <= 0:
         raise OrpheusError(f"--num_samples must be positive, got {args.num_samples}")
+    if args.stop is not None:
+        args.stop = decode_escapes(args.stop)
+        if not args.stop:
+            raise OrpheusError("--stop must not be empty")
     return args
+
+
+def decode_escapes(text: str) -> str:
+    """Python's string escapes (\\n, \\t, \\\\, \\x41, \\u00e9) as a shell passes them: a backslash and a letter."""
+    try:  # backslashreplace keeps characters beyond Latin-1 through the unicode_escape round trip
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise OrpheusError(f"--stop has a bad escape: {e.reason}") from None
+
+
+def find_stop(prompt: str, text: str, stop: str, searched: int) -> int:
+    """Where the sample `text` ends if `stop` occurs in prompt + text ending past the prompt (a stop
+    text may begin in the prompt), else -1. `searched`: length of text already searched."""
+    full = prompt + text
+    at = full.find(stop, max(0, len(prompt) + searched - len(stop) + 1))
+    return -1 if at < 0 else at + len(stop) - len(prompt)
 
 
 def main(argv) -> None:
@@ -64,18 +86,16 @@ def main(argv) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise OrpheusError(f"cannot read --prompt_file: {e}") from None
 
-    import jax  # after argument checks: bad flags answer at once
-
+    # After argument checks: bad flags answer at once.
     from orpheus_jax.cache import enable_compilation_cache
-    from orpheus_jax.model import GPTConfig
+    from orpheus_jax.checkpoint import load_run
     from orpheus_jax.sampler import Sampler, row_keys
-    from orpheus_jax.train import load_trained
 
     enable_compilation_cache()
-    cfg, tokenizer, params, _ = load_trained(args.workdir, args.step)
+    run = load_run(args.workdir, args.step)
+    cfg, tokenizer, params, model_cfg = run.cfg, run.tokenizer, run.params, run.model_cfg
     prompt = args.prompt or "\n"
     prompt_ids = tokenizer.encode(prompt)  # unknown characters: a one-line error naming them
-    model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
     if args.dtype:
         model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
     if args.shift is not None and not 1 <= args.shift < model_cfg.block_size:
@@ -97,10 +117,10 @@ def main(argv) -> None:
                     continue
                 before = len(texts[i])
                 texts[i] += tokenizer.decode(ids)
-                if args.stop:  # search only where the stop text could newly end
-                    at = texts[i].find(args.stop, max(0, before - len(args.stop) + 1))
-                    if at >= 0:
-                        texts[i], done[i] = texts[i][:at + len(args.stop)], True
+                if args.stop:
+                    end = find_stop(prompt, texts[i], args.stop, before)
+                    if end >= 0:
+                        texts[i], done[i] = texts[i][:end], True
                 if args.stream:
                     out.write(texts[i][before:])
                     out.flush()

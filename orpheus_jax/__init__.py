@@ -3,3 +3,19 @@
 
 class OrpheusError(Exception):
     """A user-facing error: the CLIs print its message on one line and exit non-zero."""
+
+
+class WriteError(OrpheusError):
+    """A file of the run directory could not be written (full disk, permissions, read-only)."""
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Write via a temporary file and a rename, so a reader never sees half a file."""
+    import os
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {(e.strerror or str(e)).lower()}") from None

@@ -4,11 +4,10 @@ Configs are `ml_collections.ConfigDict`s with flat keys (see configs/iliad_char.
 its meaning). `validate` is the only place that checks them; everything downstream trusts them.
 """
 import json
-import os
 
 import ml_collections
 
-from orpheus_jax import OrpheusError
+from orpheus_jax import OrpheusError, write_atomically
 
 POS_ENCODINGS = ("learned", "sinusoidal")
 ATTN_SCALES = ("head", "embd")
@@ -65,11 +64,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 
 def save(cfg: ml_collections.ConfigDict, vocab_size: int, path: str) -> None:
-    data = dict(cfg.to_dict(), vocab_size=vocab_size)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(dict(cfg.to_dict(), vocab_size=vocab_size), indent=2, sort_keys=True))
 
 
 def load(path: str) -> ml_collections.ConfigDict:

@@ -8,6 +8,7 @@ Shape suffixes: B batch, T query positions, S key positions, L buffer length (= 
 D n_embd, H heads, K head size, N = B*H (attention batch), F MLP width, V vocabulary.
 """
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -19,6 +20,8 @@ from jax import lax
 KVCache = tuple  # per layer: (key_NLK, value_NLK), N = B * H
 
 _init = nn.initializers.normal(stddev=0.02)  # the seed's init for linears and embeddings
+# bf16 inputs, float32 products and sums: for attention scores and logits, which softmax amplifies.
+_f32_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
 # LayerNorm epsilon 1e-5 as in PyTorch, so the seed's weights give the seed's logits.
 
 
@@ -112,15 +115,17 @@ class CausalSelfAttention(nn.Module):
             pos_S = jnp.arange(k_NSK.shape[1])
 
         scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
-        scores_NTS = jnp.einsum("ntk,nsk->nts", q_NTK * scale, k_NSK.astype(q_NTK.dtype))
+        scores_NTS = jnp.einsum("ntk,nsk->nts", q_NTK, k_NSK.astype(q_NTK.dtype),
+                                preferred_element_type=jnp.float32) * scale
         # Causal by absolute position: buffer slots past the query (unwritten or stale) are masked too.
         visible_TS = pos_S[None, :] <= pos_T[:, None]
-        scores_NTS = jnp.where(visible_TS, scores_NTS.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        scores_NTS = jnp.where(visible_TS, scores_NTS, jnp.finfo(jnp.float32).min)
         weights_NTS = jax.nn.softmax(scores_NTS, axis=-1).astype(c.dtype)
         weights_NTS = Dropout(c.dropout, c.dropout_rng)(weights_NTS, deterministic=deterministic)
         out_NTK = jnp.einsum("nts,nsk->ntk", weights_NTS, v_NSK.astype(c.dtype))
         out_BTHK = out_NTK.reshape(B, H, T, K).transpose(0, 2, 1, 3)
-        y_BTD = nn.DenseGeneral(c.n_embd, axis=(-2, -1), dtype=c.dtype, kernel_init=_init, name="proj")(out_BTHK)
+        y_BTD = nn.DenseGeneral(c.n_embd, axis=(-2, -1), dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init,
+                                name="proj")(out_BTHK)
         return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic), kv
 
 
@@ -130,8 +135,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, *, deterministic: bool):
         c = self.config
-        h_BTF = nn.relu(nn.Dense(4 * c.n_embd, dtype=c.dtype, kernel_init=_init, name="fc")(x_BTD))
-        y_BTD = nn.Dense(c.n_embd, dtype=c.dtype, kernel_init=_init, name="out")(h_BTF)
+        h_BTF = nn.relu(nn.Dense(4 * c.n_embd, dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init,
+                                 name="fc")(x_BTD)).astype(c.dtype)
+        y_BTD = nn.Dense(c.n_embd, dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init, name="out")(h_BTF)
         return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic)
 
 
@@ -153,21 +159,26 @@ class GPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BT, *, start=0, cache: KVCache | None = None, deterministic: bool = True):
-        """Logits for tokens at absolute positions start .. start+T-1, and the updated cache (or None)."""
+        """Logits for tokens at absolute positions start .. start+T-1, and the updated cache (or None).
+
+        With dtype bfloat16 the matmuls run in bf16, but the embedding lookups (whose gradient is a
+        scatter-add), the residual stream, LayerNorm statistics, attention scores, softmax and logits
+        stay float32."""
         c = self.config
         pos_T = start + jnp.arange(tokens_BT.shape[1])
-        x_BTD = nn.Embed(c.vocab_size, c.n_embd, dtype=c.dtype, embedding_init=_init, name="wte")(tokens_BT)
+        x_BTD = nn.Embed(c.vocab_size, c.n_embd, embedding_init=_init, name="wte")(tokens_BT)
         if c.pos_encoding == "learned":
-            x_BTD = x_BTD + nn.Embed(c.block_size, c.n_embd, dtype=c.dtype, embedding_init=_init, name="wpe")(pos_T)
+            x_BTD = x_BTD + nn.Embed(c.block_size, c.n_embd, embedding_init=_init, name="wpe")(pos_T)
         else:
-            x_BTD = x_BTD + sinusoidal_positions(pos_T, c.n_embd).astype(c.dtype)
+            x_BTD = x_BTD + sinusoidal_positions(pos_T, c.n_embd)
         new_cache = []
         for i in range(c.n_layer):
             x_BTD, kv = Block(c, name=f"block_{i}")(x_BTD, pos_T, None if cache is None else cache[i],
                                                     deterministic=deterministic)
             new_cache.append(kv)
         x_BTD = nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln_f")(x_BTD)
-        logits_BTV = nn.Dense(c.vocab_size, dtype=c.dtype, kernel_init=_init, name="lm_head")(x_BTD)
+        logits_BTV = nn.Dense(c.vocab_size, dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init,
+                              name="lm_head")(x_BTD)
         return logits_BTV.astype(jnp.float32), None if cache is None else tuple(new_cache)
 
 

@@ -5,11 +5,16 @@ import optax
 
 
 def lr_schedule(cfg) -> optax.Schedule:
-    """Linear warmup to learning_rate, cosine decay to min_lr at lr_decay_iters (0: at max_iters), then flat."""
+    """The learning rate of update i (0-based): linear warmup to learning_rate over warmup_iters,
+    cosine decay to min_lr at lr_decay_iters (0: at max_iters), then flat.
+
+    Update i takes the curve's value at i + 1, so the first update moves (lr / warmup_iters, as
+    nanoGPT's lr * (i + 1) / warmup) and the update that brings the run to step s has lr(s)."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    return optax.warmup_cosine_decay_schedule(
+    curve = optax.warmup_cosine_decay_schedule(
         init_value=0.0 if cfg.warmup_iters else cfg.learning_rate, peak_value=cfg.learning_rate,
         warmup_steps=cfg.warmup_iters, decay_steps=max(decay_iters, cfg.warmup_iters + 1), end_value=cfg.min_lr)
+    return lambda i: curve(i + 1)
 
 
 def decay_mask(params):

@@ -30,16 +30,18 @@ class DecodeState:
 
 
 def filter_logits(logits_BV, top_k, top_p):
-    """Keep the top_k largest logits (0: all), then the smallest set whose probability reaches top_p."""
+    """Keep the top_k largest logits (0: all), then, of those, the smallest set whose probability
+    reaches top_p (1: all of them). Exactly min(top_k, V) candidates survive top_k alone."""
     V = logits_BV.shape[-1]
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-    sorted_BV = jnp.where(jnp.arange(V) < k, sorted_BV, -jnp.inf)
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    # Keep a token if the tokens ranked above it hold less than top_p: the first always stays.
-    keep_BV = (jnp.cumsum(probs_BV, axis=-1) - probs_BV) < top_p
-    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
+    order_BV = jnp.argsort(-logits_BV, axis=-1)  # token ids, most likely first
+    sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
+    in_top_k_V = jnp.arange(V) < jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    probs_BV = jax.nn.softmax(jnp.where(in_top_k_V, sorted_BV, -jnp.inf), axis=-1)
+    # A token stays if the tokens ranked above it hold less than top_p (the first always does). The
+    # top_k mask applies on its own: the probabilities of the top k may sum to 0.99999994, not 1.
+    keep_sorted_BV = in_top_k_V & ((top_p >= 1.0) | (jnp.cumsum(probs_BV, axis=-1) - probs_BV < top_p))
+    rank_BV = jnp.argsort(order_BV, axis=-1)
+    return jnp.where(jnp.take_along_axis(keep_sorted_BV, rank_BV, axis=-1), logits_BV, -jnp.inf)
 
 
 def sample_tokens(logits_BV, keys_B, temperature, top_k, top_p):

@@ -1,10 +1,9 @@
 """Character tokenizer: the sorted set of characters of the training text, as in the seed."""
 import json
-import os
 
 import numpy as np
 
-from orpheus_jax import OrpheusError
+from orpheus_jax import OrpheusError, write_atomically
 
 
 class CharTokenizer:
@@ -35,10 +34,7 @@ class CharTokenizer:
         return "".join(self.chars[int(i)] for i in np.asarray(ids).reshape(-1))
 
     def save(self, path: str) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"chars": self.chars}, f)
-        os.replace(tmp, path)
+        write_atomically(path, json.dumps({"chars": self.chars}))
 
     @classmethod
     def load(cls, path: str) -> "CharTokenizer":

@@ -4,10 +4,9 @@ Everything random is derived from (seed, step): the batch and the dropout masks 
 fold_in(rng, s), so a run resumed from a checkpoint at step s draws exactly what it would have drawn.
 """
 import functools
-import json
+import math
 import os
 import signal
-import sys
 import time
 import warnings
 
@@ -19,11 +18,14 @@ import optax
 from jax import lax
 from tqdm import tqdm
 
-from orpheus_jax import OrpheusError, checkpoint, config as config_lib, data
+from orpheus_jax import OrpheusError, WriteError, checkpoint, config as config_lib, data
+from orpheus_jax.metrics import MetricsLog
 from orpheus_jax.model import GPTConfig, forward, init_params
 from orpheus_jax.optim import lr_schedule, make_optimizer
 from orpheus_jax.sharding import batch_sharded, check_batch_divisible, make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
+
+EVAL_CHUNK = 10  # eval batches per jitted call: a stop request waits for one chunk, not a whole eval
 
 
 @flax.struct.dataclass
@@ -39,23 +41,6 @@ def init_state(cfg, model_cfg: GPTConfig, optimizer) -> TrainState:
     params = init_params(model_cfg, param_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(train_key))
-
-
-def load_trained(workdir: str, step: int | None = None, mesh=None):
-    """(run config, tokenizer, params, step) of a trained run, from its workdir alone."""
-    if not os.path.isdir(workdir):
-        raise OrpheusError(f"no such workdir: {workdir}")
-    ckpt = checkpoint.Checkpointer(workdir, create=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise OrpheusError(f"no checkpoint in {workdir}: train first with python train.py --workdir {workdir}")
-    cfg = config_lib.load(checkpoint.config_path(workdir))
-    tokenizer = CharTokenizer.load(checkpoint.tokenizer_path(workdir))
-    model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
-    abstract = jax.eval_shape(lambda: init_state(cfg, model_cfg, make_optimizer(cfg)))
-    state = ckpt.restore(step, checkpoint.abstract_like(abstract, replicated(mesh or make_mesh())))
-    ckpt.close()
-    return cfg, tokenizer, state.params, step
 
 
 def eval_key(cfg, step: int) -> jax.Array:
@@ -94,7 +79,9 @@ def compiler_options(cfg, mesh) -> dict:
 
 
 def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
-    """jit(state, train_data) -> (state, losses of the steps_per_call steps taken)."""
+    """jit(state, train_data, n_steps) -> (state, {"loss", "grad_norm"} of each of the n_steps steps).
+
+    n_steps is static (steps_per_call, or fewer to land on an interval boundary after a resume)."""
     batch = batch_sharded(mesh)
 
     def micro_step(params, train_data, key):
@@ -116,39 +103,65 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
             loss, grads = losses.mean(), jax.tree.map(lambda g: g / cfg.grad_accum_steps, grads_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), loss
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    def train_steps(state, train_data):
-        # Several steps per call amortize dispatch for small models; the losses come back stacked.
-        return lax.scan(lambda s, _: one_step(s, train_data), state, None, length=cfg.steps_per_call)
+    def train_steps(state, train_data, n_steps):
+        # Several steps per call amortize dispatch for small models; the metrics come back stacked.
+        return lax.scan(lambda s, _: one_step(s, train_data), state, None, length=n_steps)
 
     rep = replicated(mesh)
-    return jax.jit(train_steps, in_shardings=(rep, rep), out_shardings=(rep, rep), donate_argnums=0,
-                   compiler_options=compiler_options(cfg, mesh))
+    return jax.jit(train_steps, static_argnums=2, in_shardings=(rep, rep), out_shardings=(rep, rep),
+                   donate_argnums=0, compiler_options=compiler_options(cfg, mesh))
 
 
 def make_eval_step(cfg, model_cfg: GPTConfig, mesh):
-    """jit(params, split_data, key) -> mean loss over eval_iters batches (the seed's estimate_loss)."""
+    """jit(params, split_data, keys_C) -> losses_C: the loss of one batch per key."""
     batch = batch_sharded(mesh)
 
-    def eval_loss(params, split_data, key):
+    def eval_losses(params, split_data, keys_C):
         def one_batch(_, k):
             inputs_BT, targets_BT = data.sample_batch(split_data, k, cfg.batch_size, cfg.block_size)
             inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in (inputs_BT, targets_BT))
             return None, loss_fn(model_cfg, params, inputs_BT, targets_BT)
-        _, losses = lax.scan(one_batch, None, jax.random.split(key, cfg.eval_iters))
-        return losses.mean()
+        return lax.scan(one_batch, None, keys_C)[1]
 
     rep = replicated(mesh)
-    return jax.jit(eval_loss, in_shardings=(rep, rep, rep), out_shardings=rep,
+    return jax.jit(eval_losses, in_shardings=(rep, rep, rep), out_shardings=rep,
                    compiler_options=compiler_options(cfg, mesh))
 
 
+def estimate_loss(eval_step, params, split_data, key, eval_iters: int, should_stop=lambda: False) -> float | None:
+    """Mean loss over eval_iters batches (the seed's estimate_loss), in chunks of about EVAL_CHUNK
+    batches; None if should_stop() turns true between chunks."""
+    n_chunks = math.ceil(eval_iters / EVAL_CHUNK)
+    chunk = math.ceil(eval_iters / n_chunks)
+    keys = jax.random.split(key, n_chunks * chunk)  # the last chunk's extra batches are dropped below
+    losses, pending = [], None
+    for i in range(n_chunks):
+        dispatched = eval_step(params, split_data, keys[i * chunk:(i + 1) * chunk])
+        if pending is not None:
+            losses.append(np.asarray(pending))
+        pending = dispatched
+        if should_stop():
+            return None
+    losses.append(np.asarray(pending))
+    return float(np.concatenate(losses)[:eval_iters].mean())
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                              if jnp.issubdtype(x.dtype, jnp.floating)]))
+
+
 class _StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks between steps; a second Ctrl-C aborts at once."""
+    """SIGINT/SIGTERM ask the loop to stop at the end of the current step (or evaluation chunk) and
+    save a checkpoint. Further presses cannot lose that checkpoint; the third aborts at once."""
 
     def __init__(self):
         self.signal = None
+        self._presses = 0
         self._previous = {}
 
     def __enter__(self):
@@ -156,25 +169,32 @@ class _StopRequest:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def __call__(self) -> bool:
+        return self.signal is not None
+
     def _handle(self, signum, frame):
-        self.signal = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write(f"{self.signal}: stopping after this step to save a checkpoint (Ctrl-C again aborts)")
+        self._presses += 1
+        if self._presses == 1:
+            self.signal = signal.Signals(signum).name
+            tqdm.write(f"{self.signal}: stopping after this step to save a checkpoint "
+                       "(press Ctrl-C twice more to abort without saving)")
+        elif self._presses == 2:
+            tqdm.write("Still stopping: finishing this step and its checkpoint. Ctrl-C once more aborts, "
+                       "losing the work since the last checkpoint.")
+        else:
+            tqdm.write("Aborted without saving; the checkpoints already written are intact.")
+            os._exit(130)
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def prepare_run(cfg, workdir: str, data_path: str, latest: int | None):
     """Everything checked before any work: data, tokenizer, and the workdir's checkpoint compatibility.
 
-    Returns (tokenizer, train_tokens, val_tokens)."""
+    Returns (cfg, tokenizer, train_tokens, val_tokens); cfg is the given one, except that a resumed
+    run with a new max_iters keeps the learning-rate schedule it had (see continue_schedule)."""
     text = data.read_text(data_path)
     if latest is None:
         tokenizer = CharTokenizer.from_text(text)
@@ -187,24 +207,70 @@ def prepare_run(cfg, workdir: str, data_path: str, latest: int | None):
         if mismatch:
             raise OrpheusError(f"{workdir} holds a checkpoint of a different model ({mismatch}); "
                                "use another --workdir or the same config")
+        cfg = continue_schedule(saved, cfg, latest)
     tokens = tokenizer.encode(text)
     train_tokens, val_tokens = data.split(tokens, cfg.val_fraction, cfg.block_size)
-    return tokenizer, train_tokens, val_tokens
+    return cfg, tokenizer, train_tokens, val_tokens
+
+
+def continue_schedule(saved, cfg, step: int):
+    """The config a resumed run trains with, so that raising max_iters does not re-stretch the cosine.
+
+    With lr_decay_iters = 0 the decay ends at max_iters; a new max_iters would move the curve under
+    the steps already taken (5000 -> 10000 would send the seed recipe's lr up 5.6x). Instead the run
+    keeps its decay end (then trains on at min_lr); an explicit --config.lr_decay_iters still rules."""
+    if cfg.lr_decay_iters or saved.get("max_iters", cfg.max_iters) == cfg.max_iters:
+        return cfg
+    cfg = cfg.copy_and_resolve_references()
+    cfg.lr_decay_iters = saved.get("lr_decay_iters") or saved.max_iters
+    print(f"Continuing the learning-rate schedule of steps 0-{saved.max_iters}: the decay still ends at step "
+          f"{cfg.lr_decay_iters}, then the rate stays at min_lr; set --config.lr_decay_iters to decay anew.",
+          flush=True)
+    return cfg
 
 
 def train(cfg, workdir: str, data_path: str, *, devices=None) -> TrainState:
     """Train (or resume) the run in `workdir` until cfg.max_iters; return the final state."""
     mesh = make_mesh(devices)
     check_batch_divisible(cfg.batch_size, mesh)
-    ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
-    state = _train(cfg, workdir, data_path, mesh, ckpt)
-    ckpt.close()  # not on errors: nothing is being saved then, and closing waits on Orbax's threads
+    lock = checkpoint.WorkdirLock(workdir)
+    try:
+        if lock.previous_holder:
+            print(f"Taking over {workdir} from a run that is no longer running ({lock.previous_holder})", flush=True)
+        ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
+        state = _train(cfg, workdir, data_path, mesh, ckpt)
+        ckpt.close()  # not on errors: closing waits on Orbax's threads, and _train waited for its saves
+    finally:
+        lock.release()
     return state
 
 
 def _train(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) -> TrainState:
+    try:
+        return _train_loop(cfg, workdir, data_path, mesh, ckpt)
+    except WriteError as e:
+        raise OrpheusError(f"{e}; {ckpt.intact()}") from None
+    except OrpheusError:
+        try:
+            ckpt.wait()  # a save in flight was checked finite: let it land before giving up
+        except OrpheusError:
+            pass
+        raise
+
+
+def _diverged(step: int, what: str, lr: float, ckpt: checkpoint.Checkpointer) -> OrpheusError:
+    ckpt.wait()
+    good = ckpt.complete_steps()
+    where = (f"the last checkpoint, step {good[-1]}, is good and nothing later was saved" if good
+             else "no checkpoint was saved")
+    return OrpheusError(f"training diverged at step {step}: {what} (learning rate {lr:.3g}); {where}. "
+                        "Lower --config.learning_rate (or raise --config.warmup_iters, set --config.grad_clip) "
+                        "and run the same command to resume" + (f" from step {good[-1]}" if good else ""))
+
+
+def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) -> TrainState:
     latest = ckpt.latest_step()
-    tokenizer, train_tokens, val_tokens = prepare_run(cfg, workdir, data_path, latest)
+    cfg, tokenizer, train_tokens, val_tokens = prepare_run(cfg, workdir, data_path, latest)
     model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
     optimizer = make_optimizer(cfg)
     rep = replicated(mesh)
@@ -212,9 +278,9 @@ def _train(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) -> Trai
     state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer), out_shardings=rep)()
     if latest is not None:
         state = ckpt.restore(latest, checkpoint.abstract_like(state, rep))
-    os.makedirs(workdir, exist_ok=True)
     config_lib.save(cfg, tokenizer.vocab_size, checkpoint.config_path(workdir))
     tokenizer.save(checkpoint.tokenizer_path(workdir))
+    metrics = MetricsLog(checkpoint.metrics_path(workdir), latest)
 
     train_data, val_data = (jax.device_put(t, rep) for t in (train_tokens, val_tokens))
     step = int(state.step)
@@ -227,56 +293,96 @@ def _train(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) -> Trai
         return state
 
     t0 = time.perf_counter()
-    train_step = make_train_step(cfg, model_cfg, optimizer, mesh).lower(state, train_data).compile()
+    jitted_train_step = make_train_step(cfg, model_cfg, optimizer, mesh)
+    compiled = {cfg.steps_per_call: jitted_train_step.lower(state, train_data, cfg.steps_per_call).compile()}
     eval_step = make_eval_step(cfg, model_cfg, mesh)
     print(f"Compiled the train step in {time.perf_counter() - t0:.2f} s", flush=True)
 
+    def train_call(state, n):
+        # Calls shorter than steps_per_call happen only to land on a boundary after a resume.
+        if n not in compiled:
+            compiled[n] = jitted_train_step.lower(state, train_data, n).compile()
+        return compiled[n](state, train_data)
+
     schedule = lr_schedule(cfg)
-    metrics_file = checkpoint.metrics_path(workdir)
+    lr_of = lambda s: float(schedule(s - 1))  # the rate of the update that brought the run to step s
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+    intervals = (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)
 
-    def evaluate(at_step):
+    def evaluate(at_step, stop):
         key_train, key_val = jax.random.split(eval_key(cfg, at_step))
-        train_loss = float(eval_step(state.params, train_data, key_train))
-        val_loss = float(eval_step(state.params, val_data, key_val))
-        tqdm.write(f"step {at_step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
-        sys.stdout.flush()
-        _append_jsonl(metrics_file, dict(step=at_step, train_loss=train_loss, val_loss=val_loss,
-                                         lr=float(schedule(at_step))))
+        losses = {}
+        for name, key, split_data in (("train_loss", key_train, train_data), ("val_loss", key_val, val_data)):
+            losses[name] = estimate_loss(eval_step, state.params, split_data, key, cfg.eval_iters, stop)
+            if losses[name] is None:
+                tqdm.write(f"step {at_step}: evaluation cut short by {stop.signal}")
+                return
+        tqdm.write(f"step {at_step}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
+        metrics.write(at_step, **losses, **({"lr": lr_of(at_step)} if at_step else {}))
+        if not all(map(math.isfinite, losses.values())):
+            raise _diverged(at_step, f"the evaluation loss is {losses['val_loss']}", lr_of(at_step), ckpt)
 
-    if step == 0:
-        evaluate(0)
-    bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True, disable=None)
-    log_time, log_step = time.perf_counter(), step
-    start_step, losses = step, None
+    unchecked = []  # (first step, metrics) of dispatched calls whose numbers the host has not read yet
+
+    def check_finite(keep_last: int = 0):
+        """Read the numbers of all but the last keep_last unchecked calls; stop at a non-finite one.
+        Returns the last step's numbers (when keep_last is 0 and a call was unchecked)."""
+        last = None
+        while len(unchecked) > keep_last:
+            first, call_metrics = unchecked.pop(0)
+            host = jax.device_get(call_metrics)
+            bad = ~(np.isfinite(host["loss"]) & np.isfinite(host["grad_norm"]))
+            if bad.any():
+                i = int(np.argmax(bad))
+                raise _diverged(first + i + 1, f"loss {host['loss'][i]}, gradient norm {host['grad_norm'][i]}",
+                                lr_of(first + i + 1), ckpt)
+            last = {k: float(v[-1]) for k, v in host.items()}
+        return last
+
     with _StopRequest() as stop:
-        while step < cfg.max_iters and stop.signal is None:
-            previous = losses if step > start_step else None
-            state, losses = train_step(state, train_data)
-            if previous is not None:
-                # At most two steps in flight: the device never idles, the host never runs far ahead.
-                previous.block_until_ready()
-            step += cfg.steps_per_call
-            bar.update(cfg.steps_per_call)
-            if step % cfg.log_interval == 0:
-                loss = float(losses[-1])  # the one sync per log_interval steps
+        if step == 0:
+            evaluate(0, stop)
+        start_step = step
+        bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True, disable=None)
+        log_time, log_step = time.perf_counter(), step
+        while step < cfg.max_iters and not stop():
+            boundary = min([step - step % i + i for i in intervals] + [cfg.max_iters])
+            n = min(cfg.steps_per_call, boundary - step)
+            state, call_metrics = train_call(state, n)
+            unchecked.append((step, call_metrics))
+            step += n
+            # At most two calls in flight: the device never idles, the host never runs far ahead.
+            check_finite(keep_last=1)
+            bar.update(n)
+            at = lambda interval: step % interval == 0 or step == cfg.max_iters
+            if at(cfg.log_interval):
+                last = check_finite()  # the one sync per log_interval steps
                 now = time.perf_counter()
                 tokens_per_s = (step - log_step) * tokens_per_step / (now - log_time)
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr_of(step):.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                metrics.write(step, loss=last["loss"], grad_norm=last["grad_norm"], lr=lr_of(step),
+                              tokens_per_s=tokens_per_s)
                 log_time, log_step = now, step
-                lr = float(schedule(step - 1))
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-                _append_jsonl(metrics_file, dict(step=step, loss=loss, lr=lr, tokens_per_s=tokens_per_s))
-            if step % cfg.eval_interval == 0 or step == cfg.max_iters:
-                evaluate(step)
-            if step % cfg.checkpoint_interval == 0 or step == cfg.max_iters:
+            evaluating = at(cfg.eval_interval) and not stop()  # a pending stop saves first, skips the eval
+            saving = at(cfg.checkpoint_interval) or stop()
+            if evaluating or saving:
+                check_finite()
+            if evaluating:
+                evaluate(step, stop)
+            if saving:
+                if not bool(all_finite(state)):
+                    raise _diverged(step, "the parameters or optimizer state hold non-finite values",
+                                    lr_of(step), ckpt)
                 ckpt.save(step, state)
+            if evaluating or saving:  # tokens/s counts training time only
+                log_time, log_step = time.perf_counter(), step
         bar.close()
-        if stop.signal is not None:
-            ckpt.save(step, state)
-    ckpt.wait()
-    if stop.signal is not None:
+        ckpt.wait()  # still under the stop handler: a Ctrl-C here cannot cut the save short
+    if not stop():
+        print(f"Done: step {step}; checkpoints in {ckpt.directory}", flush=True)
+    elif step > start_step:
         print(f"Stopped by {stop.signal} at step {step}; checkpoint saved in {ckpt.directory}. "
               f"Run the same command again to resume.", flush=True)
     else:
-        print(f"Done: step {step}; checkpoints in {ckpt.directory}", flush=True)
+        print(f"Stopped by {stop.signal} at step {step}, before training further: nothing new to save.", flush=True)
     return state

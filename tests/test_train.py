@@ -11,7 +11,8 @@ from orpheus_jax import OrpheusError, data
 from orpheus_jax.model import GPTConfig
 from orpheus_jax.optim import make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
-from orpheus_jax.train import init_state, jaxlib_has_onednn_dots, loss_fn, make_eval_step, make_train_step, train
+from orpheus_jax.train import (estimate_loss, init_state, jaxlib_has_onednn_dots, loss_fn, make_eval_step,
+                               make_train_step, train)
 from orpheus_jax.tokenizer import CharTokenizer
 
 
@@ -26,8 +27,8 @@ def run_steps(cfg, tokens, devices, n):
     data = jax.device_put(tokens, rep)
     losses = []
     for _ in range(n):
-        state, loss = step(state, data)
-        losses.extend(np.asarray(loss).tolist())
+        state, metrics = step(state, data, cfg.steps_per_call)
+        losses.extend(np.asarray(metrics["loss"]).tolist())
     return np.array(losses), jax.tree.map(np.asarray, state.params)
 
 
@@ -40,8 +41,9 @@ def iliad_tokens(iliad_path):
 def test_initial_loss_is_uniform(tiny_cfg, iliad_tokens):
     model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
     state = init_state(tiny_cfg, model_cfg, make_optimizer(tiny_cfg))
-    loss = make_eval_step(tiny_cfg, model_cfg, make_mesh())(state.params, iliad_tokens, jax.random.key(0))
-    assert abs(float(loss) - math.log(66)) < 0.05
+    loss = estimate_loss(make_eval_step(tiny_cfg, model_cfg, make_mesh()), state.params, iliad_tokens,
+                         jax.random.key(0), 25)
+    assert abs(loss - math.log(66)) < 0.05
 
 
 @pytest.mark.parametrize("prng_impl, dropout_rng", [
@@ -67,7 +69,7 @@ def test_onednn_dots_train_like_xla_dots(tiny_cfg, iliad_tokens):
     results = {}
     for cpu_dots in ("onednn", "xla"):
         tiny_cfg.cpu_dots = cpu_dots
-        hlo = make_train_step(tiny_cfg, model_cfg, optimizer, mesh).lower(state, iliad_tokens).compile().as_text()
+        hlo = make_train_step(tiny_cfg, model_cfg, optimizer, mesh).lower(state, iliad_tokens, 1).compile().as_text()
         assert ("__onednn_fusion" in hlo) == (cpu_dots == "onednn")
         results[cpu_dots] = run_steps(tiny_cfg, iliad_tokens, None, 4)
     np.testing.assert_allclose(results["onednn"][0], results["xla"][0], atol=1e-5, rtol=0)
@@ -98,7 +100,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, iliad_tokens):
     updates, _ = optimizer.update(grads, state.opt_state, state.params)
     expected = optax.apply_updates(state.params, updates)
 
-    new_state, _ = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())(state, tokens)
+    new_state, _ = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())(state, tokens, 1)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new_state.params, expected)
 
 
