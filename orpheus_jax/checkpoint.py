@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import logging
 import os
 import re
 import socket
@@ -53,6 +54,8 @@ class Checkpointer:
             raise OrpheusError(f"cannot open checkpoints in {directory}: {_one_line(e)}") from None
         self.directory = directory
         self._saving = None  # the step of the save in flight, if any
+        # A failed async save also logs its traceback from Orbax's thread; save/wait report it in one sentence.
+        logging.getLogger("absl").addFilter(_drop_orbax_errors)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -117,6 +120,11 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+        logging.getLogger("absl").removeFilter(_drop_orbax_errors)
+
+
+def _drop_orbax_errors(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
 @contextlib.contextmanager
@@ -199,7 +207,8 @@ class WorkdirLock:
             os.makedirs(workdir, exist_ok=True)
             self._file = open(self.path, "a+")
         except OSError as e:
-            raise OrpheusError(f"cannot use workdir {workdir}: {e.strerror or e}") from None
+            raise OrpheusError(f"cannot use workdir {workdir}: {(e.strerror or str(e)).lower()}; "
+                               "its checkpoints are untouched") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -364,12 +364,12 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
                               tokens_per_s=tokens_per_s)
                 log_time, log_step = now, step
             evaluating = at(cfg.eval_interval) and not stop()  # a pending stop saves first, skips the eval
-            saving = at(cfg.checkpoint_interval) or stop()
-            if evaluating or saving:
-                check_finite()
             if evaluating:
+                check_finite()
                 evaluate(step, stop)
+            saving = at(cfg.checkpoint_interval) or stop()  # a stop may have come during the evaluation
             if saving:
+                check_finite()
                 if not bool(all_finite(state)):
                     raise _diverged(step, "the parameters or optimizer state hold non-finite values",
                                     lr_of(step), ckpt)

@@ -216,3 +216,61 @@ def test_sample_without_workdir_or_checkpoint(tmp_path):
     assert_one_line_error(run("sample.py", "--workdir", str(tmp_path / "nope")), "no such workdir")
     assert_one_line_error(run("sample.py", "--workdir", str(tmp_path)), "no checkpoints in")
     assert_one_line_error(run("sample.py"), "--workdir")
+
+
+def test_stop_decodes_escapes(trained):
+    """--stop '\\n' as a shell passes it (a backslash and an n) stops at the first newline."""
+    result = run("sample.py", "--workdir", trained[0], "--prompt", "Sing", "--max_new_tokens", "300", "--stop", "\\n")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n\n") and result.stdout.count("\n") == 2
+    assert_one_line_error(run("sample.py", "--workdir", trained[0], "--stop", "a\\"), "--stop has a bad escape")
+
+
+def test_stop_text_may_begin_in_the_prompt(trained):
+    args = ["--workdir", trained[0], "--prompt", "Achilles", "--max_new_tokens", "30", "--temperature", "0"]
+    free = run("sample.py", *args).stdout[len("Achilles"):-1]
+    stop = "es" + free[:2]  # the prompt's last two characters and the first two generated
+    result = run("sample.py", *args, "--stop", stop)
+    assert result.returncode == 0 and result.stdout == "Achilles" + free[:2] + "\n"
+
+
+def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
+    """A stop cuts a long evaluation short and saves the step it was at; a second Ctrl-C changes nothing."""
+    workdir = str(tmp_path / "run")
+    args = [*TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=1000000",
+            "--config.eval_interval=20", "--config.eval_iters=100000", "--config.checkpoint_interval=1000000"]
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in proc.stdout:  # the first evaluation (step 0) is long too: cut it short as well
+            if line.startswith("Compiled"):
+                break
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "step 0: evaluation cut short by SIGINT" in out, err
+    assert "nothing new to save" in out and not os.listdir(os.path.join(workdir, "checkpoints"))
+
+    # Now a long evaluation at step 20 of a run resumed from step 10 (resumed runs skip the step-0 one).
+    assert run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=10").returncode == 0
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args, "--config.log_interval=20"],
+                            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    try:
+        deadline = time.time() + 120
+        while not (os.path.exists(metrics) and '"step": 20, "loss"' in open(metrics).read()):
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)  # well inside the long evaluation of step 20
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "step 20: evaluation cut short by SIGINT" in out
+    assert "Stopped by SIGINT at step 20; checkpoint saved" in out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]

@@ -117,3 +117,28 @@ def test_one_compilation_serves_every_prompt_length(params):
         assert after_first > 0 and len(compiles) == after_first
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 5, 20, 65])
+def test_top_k_keeps_exactly_k_candidates_on_random_logits(top_k):
+    """With top_p = 1 the top-k mask alone decides: the k largest logits of every row, no more.
+    (The probabilities of the top k rarely sum to exactly 1.0 in float32.)"""
+    logits = jax.random.normal(jax.random.key(top_k), (2000, 66)) * 3
+    kept = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(top_k), jnp.float32(1.0))))
+    assert (kept.sum(axis=1) == top_k).all()
+    np.testing.assert_array_equal(np.sort(np.where(kept, np.asarray(logits), -np.inf), axis=1)[:, -top_k:],
+                                  np.sort(np.asarray(logits), axis=1)[:, -top_k:])
+    everything = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(0), jnp.float32(1.0))))
+    assert everything.all()
+
+
+def test_top_k_draws_stay_in_the_top_k_of_model_logits(params):
+    sampler = Sampler(CFG, params, batch_size=4, chunk=8, shift=1)
+    prompt = [1, 2, 3]
+    tokens = cached_tokens(sampler, prompt, 40, rows=range(4), temperature=1.5, top_k=2)
+    for row in tokens:  # each drawn token ranks first or second under the full forward of its context
+        ids = list(prompt)
+        for t in row:
+            logits = np.asarray(forward(CFG, params, jnp.asarray([ids[-CFG.block_size:]])))[0, -1]
+            assert t in np.argsort(-logits)[:2]
+            ids.append(int(t))

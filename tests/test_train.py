@@ -1,4 +1,5 @@
 import json
+import os
 import math
 
 import jax
@@ -142,3 +143,56 @@ def test_other_model_in_workdir_is_refused(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.n_layer = 3
     with pytest.raises(OrpheusError, match="different model .*n_layer 2 vs 3"):
         train(tiny_cfg, str(tmp_path), small_text_path)
+
+
+def read_records(workdir):
+    return [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
+
+
+def test_resume_with_another_steps_per_call_lands_on_every_boundary(tiny_cfg, small_text_path, tmp_path):
+    """Stopped at step 7 with 1 step per call, resumed with 5: the calls are shortened to reach
+    step 10, then every interval and max_iters is hit, saved and logged as in one straight run."""
+    tiny_cfg.update(max_iters=20, lr_decay_iters=20, log_interval=5, eval_interval=10, checkpoint_interval=10)
+    straight = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "a"), small_text_path)
+    tiny_cfg.max_iters = 7
+    train(tiny_cfg, str(tmp_path / "b"), small_text_path)
+    tiny_cfg.update(max_iters=20, steps_per_call=5)
+    resumed = train(tiny_cfg, str(tmp_path / "b"), small_text_path)
+    assert int(resumed.step) == 20
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["10", "20", "7"]
+    a = read_records(tmp_path / "a")
+    b = [r for r in read_records(tmp_path / "b") if r["step"] != 7]  # the first run's end: logged and evaluated
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 5, 10, 10, 15, 20, 20]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        np.testing.assert_allclose([ra[k] for k in ra if k != "tokens_per_s"],
+                                   [rb[k] for k in rb if k != "tokens_per_s"], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, resumed.params)
+
+
+def test_raising_max_iters_keeps_the_learning_rate_continuous(tiny_cfg, small_text_path, tmp_path):
+    tiny_cfg.update(max_iters=20, log_interval=1, warmup_iters=5)
+    workdir = str(tmp_path / "run")
+    train(tiny_cfg, workdir, small_text_path)
+    tiny_cfg.max_iters = 40
+    train(tiny_cfg, workdir, small_text_path)
+    lr = {r["step"]: r["lr"] for r in read_records(workdir) if "loss" in r}
+    assert lr[20] == pytest.approx(tiny_cfg.min_lr)  # the first run decayed to min_lr at its end...
+    assert all(lr[s] == pytest.approx(tiny_cfg.min_lr) for s in range(21, 41))  # ...and stays there
+    assert json.load(open(f"{workdir}/config.json"))["lr_decay_iters"] == 20
+    tiny_cfg.update(max_iters=60, lr_decay_iters=60)  # an explicit decay end rules
+    train(tiny_cfg, workdir, small_text_path)
+    lr = {r["step"]: r["lr"] for r in read_records(workdir) if "loss" in r}
+    assert lr[41] > 2 * tiny_cfg.min_lr
+
+
+def test_log_and_eval_lines_report_the_rate_of_the_same_update(tiny_cfg, small_text_path, tmp_path):
+    tiny_cfg.update(max_iters=10, warmup_iters=4, log_interval=5, eval_interval=5)
+    train(tiny_cfg, str(tmp_path), small_text_path)
+    records = read_records(tmp_path)
+    by_step = {}
+    for r in records:
+        if "lr" in r:
+            by_step.setdefault(r["step"], set()).add(r["lr"])
+    assert all(len(rates) == 1 for rates in by_step.values()) and set(by_step) == {5, 10}
+    assert "lr" not in records[0]  # the evaluation before any update

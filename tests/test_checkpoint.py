@@ -1,0 +1,55 @@
+import os
+import shutil
+import sys
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+from orpheus_jax import OrpheusError
+from orpheus_jax.checkpoint import WorkdirLock, load_run
+from orpheus_jax.train import train
+
+
+@pytest.fixture(scope="module")
+def run_dir(small_text_path, tmp_path_factory):
+    from configs import tiny
+    workdir = str(tmp_path_factory.mktemp("ckpt") / "run")
+    state = train(tiny.get_config(), workdir, small_text_path)
+    return workdir, jax.tree.map(np.asarray, state.params)
+
+
+def test_load_run_gives_the_trained_parameters(run_dir):
+    workdir, params = run_dir
+    run = load_run(workdir)
+    assert run.step == 20 and run.tokenizer.vocab_size == run.cfg.vocab_size
+    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, run.params))
+    assert load_run(workdir, step=10).step == 10
+
+
+def test_a_failed_restore_leaves_stderr_working(run_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(run_dir[0], workdir)
+    for root, _, files in os.walk(os.path.join(workdir, "checkpoints", "20")):
+        for name in files:
+            if os.path.basename(root) == "d":
+                open(os.path.join(root, name), "wb").close()
+    stderr = sys.stderr
+    with pytest.raises(OrpheusError, match="cannot restore checkpoint"):
+        load_run(workdir)
+    assert sys.stderr is stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.warn("still heard")
+    assert [str(w.message) for w in caught] == ["still heard"]
+
+
+def test_one_run_holds_a_workdir_at_a_time(tmp_path):
+    first = WorkdirLock(str(tmp_path))
+    with pytest.raises(OrpheusError, match=rf"in use by another training run \(pid {os.getpid()} on "):
+        WorkdirLock(str(tmp_path))
+    first.release()
+    second = WorkdirLock(str(tmp_path))  # released: free again, and not reported as stale
+    assert second.previous_holder is None
+    second.release()
