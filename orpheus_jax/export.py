@@ -40,15 +40,15 @@ class _Graph:
         self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
-    def op(self, op_type, *inputs, **attrs) -> str:
+    def op(self, op_type, *inputs, out=None, **attrs) -> str:
         self._count += 1
-        out = f"{op_type.lower()}_{self._count}"
+        out = out or f"{op_type.lower()}_{self._count}"
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], **attrs))
         return out
 
-    def dense(self, x, p, kernel_2d=None) -> str:
-        y = self.op("MatMul", x, self.const(kernel_2d if kernel_2d is not None else p["kernel"]))
-        return self.op("Add", y, self.const(p["bias"])) if "bias" in p else y
+    def dense(self, x, p, kernel_2d=None, out=None) -> str:
+        y = self.op("MatMul", x, self.const(kernel_2d if kernel_2d is not None else p["kernel"]), out=None if "bias" in p else out)
+        return self.op("Add", y, self.const(p["bias"]), out=out) if "bias" in p else y
 
     def layer_norm(self, x, p) -> str:
         return self.op("LayerNormalization", x, self.const(p["scale"]), self.const(p["bias"]), axis=-1, epsilon=1e-5)
@@ -60,7 +60,7 @@ def _f32(params):
 
 def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
     """One transformer block. write(name, new_BHTK) -> buffer_BHLK puts this chunk's keys or values
-    into the layer's buffer (cached graphs); without it, attention stays within the chunk."""
+    into the layer's buffer (cached graphs) and names it; without it, attention stays within the chunk."""
     H, K, D = c.n_head, c.head_size, c.n_embd
     h_BTD = g.layer_norm(x_BTD, p["ln1"])
     heads = {}
@@ -69,13 +69,15 @@ def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
                       g.const(np.array([0, 0, H, K], np.int64)))
         heads[name] = g.op("Transpose", y_BTHK, perm=[0, 2, 1, 3])  # B, H, T, K
     k_BHSK, v_BHSK = heads["key"], heads["value"]
-    present = ()
     if write is not None:
         k_BHSK, v_BHSK = write("key", k_BHSK), write("value", v_BHSK)
-        present = (k_BHSK, v_BHSK)
     scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
-    scores_BHTS = g.op("Mul", g.op("MatMul", heads["query"], g.op("Transpose", k_BHSK, perm=[0, 1, 3, 2])),
-                       g.const(np.float32(scale)))
+    if write is None:
+        scores_BHTS = g.op("MatMul", heads["query"], g.op("Transpose", k_BHSK, perm=[0, 1, 3, 2]))
+    else:  # transpose the query and the scores, not the whole buffer: at one query they are tiny
+        scores_BHST = g.op("MatMul", k_BHSK, g.op("Transpose", heads["query"], perm=[0, 1, 3, 2]))
+        scores_BHTS = g.op("Transpose", scores_BHST, perm=[0, 1, 3, 2])
+    scores_BHTS = g.op("Mul", scores_BHTS, g.const(np.float32(scale)))
     # Causal by absolute position, as model.py: keys past the query (unwritten or stale) are masked too.
     visible_TS = g.op("LessOrEqual", g.op("Unsqueeze", pos_S, g.const(np.array([0], np.int64))),
                       g.op("Unsqueeze", pos_T, g.const(np.array([1], np.int64))))
@@ -84,7 +86,7 @@ def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
     out_BTD = g.op("Reshape", g.op("Transpose", out_BHTK, perm=[0, 2, 1, 3]), g.const(np.array([0, 0, D], np.int64)))
     x_BTD = g.op("Add", x_BTD, g.dense(out_BTD, p["attn"]["proj"], p["attn"]["proj"]["kernel"].reshape(H * K, D)))
     h_BTF = g.op("Relu", g.dense(g.layer_norm(x_BTD, p["ln2"]), p["mlp"]["fc"]))
-    return g.op("Add", x_BTD, g.dense(h_BTF, p["mlp"]["out"])), present
+    return g.op("Add", x_BTD, g.dense(h_BTF, p["mlp"]["out"]))
 
 
 def _embed(g: _Graph, c: GPTConfig, params, input_BT, pos_T) -> str:
@@ -116,9 +118,8 @@ def forward_model(c: GPTConfig, params, chars: str) -> onnx.ModelProto:
     pos_T = g.op("Range", g.const(np.int64(0)), seq_len, g.const(np.int64(1)))
     x_BTD = _embed(g, c, params, "input", pos_T)
     for i in range(c.n_layer):
-        x_BTD, _ = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_T)
-    logits = g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"])
-    g.nodes.append(helper.make_node("Identity", [logits], ["output"]))
+        x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_T)
+    g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"], out="output")
     tokens = helper.make_tensor_value_info("input", TensorProto.INT64, ["batch_size", "sequence_length"])
     out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])
     return _model(g, "orpheus_forward", [tokens], [out], _metadata(c, chars))
@@ -130,42 +131,32 @@ def decode_model(c: GPTConfig, params, chars: str, *, step: bool) -> onnx.ModelP
     H, L, K = c.n_head, c.block_size, c.head_size
     buffer_shape = ["batch_size", H, L, K]
     shape_BT = g.op("Shape", "input")
-    if step:
-        start = g.op("Reshape", "position", g.const(np.array([1], np.int64)))  # [1]
-    else:
-        start = g.const(np.array([0], np.int64))
-        zeros_BHLK = g.op("ConstantOfShape", g.op("Concat", g.op("Slice", shape_BT, g.const(np.array([0], np.int64)),
-                                                                 g.const(np.array([1], np.int64))),
-                                                  g.const(np.array([H, L, K], np.int64)), axis=0),
-                          value=numpy_helper.from_array(np.zeros(1, np.float32)))
+    start = g.op("Reshape", "position", g.const(np.array([1], np.int64))) if step else g.const(np.array([0], np.int64))
     seq_len = g.op("Slice", shape_BT, g.const(np.array([1], np.int64)), g.const(np.array([2], np.int64)))  # [1]
-    end = g.op("Add", start, seq_len)
-    pos_T = g.op("Range", g.op("Squeeze", start), g.op("Squeeze", end), g.const(np.int64(1)))
+    pos_T = g.op("Range", g.op("Squeeze", start), g.op("Squeeze", g.op("Add", start, seq_len)), g.const(np.int64(1)))
     pos_S = g.const(np.arange(L, dtype=np.int64))
-    # The chunk's rows of the buffer: this chunk padded to L (start before, L - end after), chosen by mask.
-    in_chunk_L = g.op("And", g.op("GreaterOrEqual", pos_S, start), g.op("Less", pos_S, end))
-    in_chunk_11L1 = g.op("Reshape", in_chunk_L, g.const(np.array([1, 1, L, 1], np.int64)))
-    zero2 = g.const(np.zeros(2, np.int64))
-    pads = g.op("Concat", zero2, start, g.const(np.zeros(3, np.int64)),
-                g.op("Sub", g.const(np.array([L], np.int64)), end), g.const(np.zeros(1, np.int64)), axis=0)
-
+    if not step:  # the prompt goes into empty buffers
+        batch = g.op("Slice", shape_BT, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)))
+        zeros_BHLK = g.op("ConstantOfShape", g.op("Concat", batch, g.const(np.array([H, L, K], np.int64)), axis=0),
+                          value=numpy_helper.from_array(np.zeros(1, np.float32)))
     graph_inputs = [helper.make_tensor_value_info("input", TensorProto.INT64, ["batch_size", 1 if step else "sequence_length"])]
     if step:
         graph_inputs.append(helper.make_tensor_value_info("position", TensorProto.INT64, []))
-    outputs = []
+    outputs, at = [], {}
     x_BTD = _embed(g, c, params, "input", pos_T)
     for i in range(c.n_layer):
         def write(name, new_BHTK, i=i):
+            """Rows pos_T of the buffer along its L axis: a scatter, as the sampler's dynamic_update_slice."""
+            if "index_BHTK" not in at:  # every layer's chunk has the same shape
+                at["index_BHTK"] = g.op("Expand", g.op("Reshape", pos_T, g.const(np.array([1, 1, -1, 1], np.int64))),
+                                        g.op("Shape", new_BHTK))
             past = f"past.{i}.{name}" if step else zeros_BHLK
             if step:
                 graph_inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, buffer_shape))
-            return g.op("Where", in_chunk_11L1, g.op("Pad", new_BHTK, pads), past)
-        x_BTD, present = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_S, write)
-        for name, value in zip(("key", "value"), present):
-            g.nodes.append(helper.make_node("Identity", [value], [f"present.{i}.{name}"]))
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{name}", TensorProto.FLOAT, buffer_shape))
-    logits = g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"])
-    g.nodes.append(helper.make_node("Identity", [logits], ["logits"]))
+            return g.op("ScatterElements", past, at["index_BHTK"], new_BHTK, axis=2, out=f"present.{i}.{name}")
+        x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_S, write)
+    g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"], out="logits")
     outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT,
                                                     ["batch_size", 1 if step else "sequence_length", c.vocab_size]))
     return _model(g, "orpheus_step" if step else "orpheus_prefill", graph_inputs, outputs, _metadata(c, chars))
