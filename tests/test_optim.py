@@ -31,12 +31,18 @@ def test_seed_recipe_is_adam_with_torch_defaults():
     grads_seq = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 10 ** rng.uniform(-4, 1),
                               params) for _ in range(6)]
     ours, ref = make_optimizer(cfg), optax.adam(1e-3)  # optax.adam: b1 0.9, b2 0.999, eps 1e-8
-    p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, ref.init(params)
-    for grads in grads_seq:
-        u, s_ours = ours.update(grads, s_ours, p_ours)
-        p_ours = optax.apply_updates(p_ours, u)
-        u, s_ref = ref.update(grads, s_ref, p_ref)
-        p_ref = optax.apply_updates(p_ref, u)
+
+    @jax.jit
+    def steps(params):
+        p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, ref.init(params)
+        for grads in grads_seq:
+            u, s_ours = ours.update(grads, s_ours, p_ours)
+            p_ours = optax.apply_updates(p_ours, u)
+            u, s_ref = ref.update(grads, s_ref, p_ref)
+            p_ref = optax.apply_updates(p_ref, u)
+        return p_ours, p_ref
+
+    p_ours, p_ref = steps(params)
     leaves = jax.tree.leaves(p_ours)
     for a, b in zip(leaves, jax.tree.leaves(p_ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
