@@ -7,18 +7,17 @@
 
 Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
 """
-import argparse
 import dataclasses
-import os
 import sys
 
 from orpheus_jax import OrpheusError
+from orpheus_jax.cli import argument_parser, run_main
 
 DASHES = "-" * 40
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argument_parser(__doc__)
     p.add_argument("--workdir", required=True, help="a run directory written by train.py")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     prompt = p.add_mutually_exclusive_group()
@@ -39,10 +38,6 @@ def parse_args(argv):
     p.add_argument("--stream", action="store_true", help="print characters as they are produced")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: the run's)")
-
-    def error(message):  # argparse prints usage and exits 2; we want the one-line form
-        raise OrpheusError(message)
-    p.error = error
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0:
         raise OrpheusError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
@@ -134,10 +129,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except OrpheusError as e:
-        print(f"error: {e}", file=sys.__stderr__, flush=True)
-        os._exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    run_main(main)

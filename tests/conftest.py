@@ -33,3 +33,18 @@ def small_text_path(iliad_path, tmp_path_factory) -> str:
 def tiny_cfg():
     from configs import tiny
     return tiny.get_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(small_text_path, tmp_path_factory) -> str:
+    """A run directory of configs/tiny.py (in-process), for tests that need a trained run: 100 steps
+    at a high rate, 10 per call, so that its text has words in it (a few seconds more than 20)."""
+    from configs import tiny
+    from orpheus_jax.train import train
+    cfg = tiny.get_config()
+    cfg.update(max_iters=100, learning_rate=1e-2, min_lr=1e-3, steps_per_call=10, eval_interval=50,
+               checkpoint_interval=50, log_interval=50)
+    cfg.cpu_dots = "xla"  # oneDNN's train step compiles afresh each run; this one is only a fixture
+    workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
+    train(cfg, workdir, small_text_path)
+    return workdir

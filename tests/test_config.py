@@ -1,11 +1,11 @@
 import pytest
 
-from configs import iliad_char, iliad_char_cpu, tiny
+from configs import iliad_char, iliad_char_cpu, orpheus_seed, tiny
 from orpheus_jax import OrpheusError
 from orpheus_jax.config import shape_mismatch, validate
 
 
-@pytest.mark.parametrize("module", [iliad_char, iliad_char_cpu, tiny])
+@pytest.mark.parametrize("module", [iliad_char, iliad_char_cpu, orpheus_seed, tiny])
 def test_shipped_configs_are_valid(module):
     validate(module.get_config())
 

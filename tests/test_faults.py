@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from test_cli import REPO, TINY, assert_one_line_error, run, trained  # noqa: F401 (a fixture)
+from script_runner import REPO, assert_one_line_error, run
+from test_cli import TINY, trained  # noqa: F401 (a fixture)
 
 
 def strict_records(workdir):

@@ -1,9 +1,65 @@
+"""The optimizer chains against independent references: optax's own Adam, PyTorch's Adam formula in
+NumPy, nanoGPT's warmup formula."""
 import jax
 import numpy as np
+import optax
 
-from orpheus_jax.model import GPTConfig
+from configs import orpheus_seed
+from orpheus_jax.model import GPTConfig, init_params
 from orpheus_jax.optim import lr_schedule, make_optimizer
 from orpheus_jax.train import init_state
+
+
+def torch_adam_numpy(params, grads_seq, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """torch.optim.Adam's default update (torch/optim/adam.py, single-tensor path), leaf by leaf."""
+    out = []
+    for p in params:
+        p, m, v = p.astype(np.float64), np.zeros_like(p, np.float64), np.zeros_like(p, np.float64)
+        out.append([p, m, v])
+    for t, grads in enumerate(grads_seq, start=1):
+        for state, g in zip(out, grads):
+            p, m, v = state
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            denom = np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps
+            state[:] = [p - lr / (1 - b1 ** t) * m / denom, m, v]
+    return [s[0] for s in out]
+
+
+def test_seed_recipe_is_adam_with_torch_defaults():
+    cfg = orpheus_seed.get_config()
+    params = init_params(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, block_size=4), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    grads_seq = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 10 ** rng.uniform(-4, 1),
+                              params) for _ in range(6)]
+    ours, ref = make_optimizer(cfg), optax.adam(1e-3)  # optax.adam: b1 0.9, b2 0.999, eps 1e-8
+
+    @jax.jit
+    def steps(params):
+        p_ours, s_ours, p_ref, s_ref = params, ours.init(params), params, ref.init(params)
+        for grads in grads_seq:
+            u, s_ours = ours.update(grads, s_ours, p_ours)
+            p_ours = optax.apply_updates(p_ours, u)
+            u, s_ref = ref.update(grads, s_ref, p_ref)
+            p_ref = optax.apply_updates(p_ref, u)
+        return p_ours, p_ref
+
+    p_ours, p_ref = steps(params)
+    leaves = jax.tree.leaves(p_ours)
+    for a, b in zip(leaves, jax.tree.leaves(p_ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    torch_like = torch_adam_numpy([np.asarray(x) for x in jax.tree.leaves(params)],
+                                  [[np.asarray(g) for g in jax.tree.leaves(gs)] for gs in grads_seq])
+    for a, b in zip(leaves, torch_like):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-6)
+    moved = sum(float(np.abs(np.asarray(a) - np.asarray(p)).max()) for a, p in zip(leaves, jax.tree.leaves(params)))
+    assert moved > 1e-3  # the updates were applied (Adam moves each weight by about lr per step)
+
+
+def test_seed_recipe_learning_rate_is_constant():
+    cfg = orpheus_seed.get_config()
+    schedule = lr_schedule(cfg)
+    assert [float(schedule(i)) for i in (0, 1, 100, 2500, 4999, 5000, 9000)] == [np.float32(1e-3)] * 7
 
 
 def test_warmup_starts_above_zero_and_reaches_the_peak(tiny_cfg):
