@@ -56,6 +56,7 @@ class Checkpointer:
         self._saving = None  # the step of the save in flight, if any
         # A failed async save also logs its traceback from Orbax's thread; save/wait report it in one sentence.
         logging.getLogger("absl").addFilter(_drop_orbax_errors)
+        _ignore_closed_event_loop_callbacks()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -113,7 +114,6 @@ class Checkpointer:
             with _quiet_stderr():
                 restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
         except Exception as e:  # truncated files, missing arrays, wrong shapes: not ours to fix
-            _ignore_closed_event_loop_callbacks()
             raise OrpheusError(f"cannot restore checkpoint {os.path.join(self.directory, str(step))}: "
                                f"{_one_line(e)} (move it aside to resume from an earlier one)") from None
         return restored["state"]
@@ -139,19 +139,27 @@ def _quiet_stderr():
 
 
 def _ignore_closed_event_loop_callbacks() -> None:
-    """After a failed restore, tensorstore's remaining reads keep completing in the background, each
-    calling back into Orbax's event loop, which is closed by then: Python reports every one as an
-    unraisable RuntimeError with a traceback. Drop those (and only those) for the rest of the process."""
-    previous = sys.unraisablehook
-    if getattr(previous, "_orpheus", False):
+    """After a failed save or restore, tensorstore's remaining writes and reads keep completing in the
+    background, each calling back into Orbax's event loop, closed by then: Python reports every one as an
+    unraisable RuntimeError with a bare traceback, possibly before the main thread learns of the failure.
+    So from the first Checkpointer on, drop those (and only those); the caller reports one line."""
+    if getattr(sys.unraisablehook, "_orpheus", False):
         return
 
-    def hook(unraisable):
-        exc = unraisable.exc_value
-        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
-            previous(unraisable)
-    hook._orpheus = True
-    sys.unraisablehook = hook
+    def closed_loop(exc) -> bool:
+        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable_hook(unraisable):
+        if not closed_loop(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    def except_hook(exc_type, exc, tb):
+        if not closed_loop(exc):
+            previous_except(exc_type, exc, tb)
+    unraisable_hook._orpheus = True
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
 def abstract_like(tree, sharding):

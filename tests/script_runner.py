@@ -13,7 +13,7 @@ def run(script, *args, env=None, timeout=300):
 
 def assert_one_line_error(result, *words):
     assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for word in words:
