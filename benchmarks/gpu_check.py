@@ -146,6 +146,9 @@ def main():
 
     t = figures["train"]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    if args.smoke:
+        print("# SMOKE RUN: tiny sizes on a CPU, JAX and PyTorch on different configs: "
+              "no figure or goal below means anything")
     print(f"# device: {figures['machine']}")
     print(f"# train.py {run_config['n_layer']}x{run_config['n_head']}x{run_config['n_embd']} {t['dtype']}, "
           f"{t['steps']} steps: process {t['process_s']:.1f} s (compile {fmt(t['compile_s'], '.1f')} s), "
