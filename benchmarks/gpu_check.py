@@ -115,7 +115,7 @@ def main():
                                 compile_s=float(compiled.group(1)) if compiled else None, dtype=run_config["dtype"])
 
     # 2. Sampling speed of the cached sampler (seed-sized model, random weights).
-    sample_args = (["--new", "8", "--batch", "1,2", "--reps", "1", "--positions", "10", "--latency_reps", "1",
+    sample_args = (["--new", "4", "--batch", "1", "--reps", "1", "--positions", "10", "--latency_reps", "1",
                     "--bw_mib", "4", "--naive_batch", ""] if args.smoke else
                    ["--new", "500", "--batch", "1,16", "--reps", "3", "--naive_batch", "1", "--naive_new", "500"])
     out, _ = run([py, "benchmarks/bench_sample.py", *sample_args])

@@ -1,10 +1,11 @@
 """What a run reports about itself: metrics.jsonl, TensorBoard event files, the loss plot, and MFU.
 
 Each record carries "step" (optimizer steps taken) and some of: "loss", "grad_norm", "lr",
-"tokens_per_s", "mfu" (every log_interval steps), "train_loss", "val_loss", "sample" (every
-evaluation). metrics.jsonl holds them as strict JSON, one object per line (non-finite numbers as
-null, so any JSON reader takes the file). The same records go to TensorBoard event files, written
-with tensorboardX (no TensorFlow), under the tags of TENSORBOARD_TAGS.
+"tokens_per_s", "mfu" (every log_interval steps), "train_loss", "val_loss" (every evaluation).
+metrics.jsonl holds them as strict JSON, one object per line (non-finite numbers as null, so any
+JSON reader takes the file). The same numbers go to TensorBoard event files, written with
+tensorboardX (no TensorFlow), under the tags of TENSORBOARD_TAGS; so does text (the sample of every
+evaluation), which only TensorBoard gets.
 """
 import json
 import math
@@ -22,7 +23,7 @@ TENSORBOARD_TAGS = {
     "mfu": "perf/mfu",
     "train_loss": "eval/train_loss",  # estimated over eval_iters batches
     "val_loss": "eval/val_loss",
-    "sample": "eval/sample",  # text; TensorBoard lists it under eval/sample/text_summary
+    "sample": "eval/sample",  # text: TensorBoard lists it under eval/sample/text_summary
 }
 
 # Dense (no sparsity) bfloat16 matmul peaks per device, in TFLOP/s, from the vendors' data sheets,
@@ -106,6 +107,14 @@ class MetricsLog:
                 self._events.write(step, values)
         except OSError as e:
             raise WriteError(f"cannot write {e.filename or self.path}: {(e.strerror or str(e)).lower()}") from None
+
+    def write_text(self, step: int, name: str, text: str) -> None:
+        """Text for TensorBoard's Text tab (nothing without a tensorboard_dir)."""
+        if self._events:
+            try:
+                self._events.write(step, {name: text})
+            except OSError as e:
+                raise WriteError(f"cannot write {e.filename}: {(e.strerror or str(e)).lower()}") from None
 
     def plot(self) -> None:
         """Redraw the loss plot (if it has a path) from everything metrics.jsonl holds."""

@@ -327,8 +327,8 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
                 return
         sampler.params = state.params  # the sampler's compiled steps take the parameters as an argument
         sample_ids = sampler.generate(sample_prompt, EVAL_SAMPLE_CHARS, sample_keys, EVAL_SAMPLE_TEMPERATURE)
-        metrics.write(at_step, **losses, lr=lr_of(at_step) if at_step else None,
-                      sample=tokenizer.decode(np.concatenate(list(sample_ids), axis=1)))
+        metrics.write(at_step, **losses, **({"lr": lr_of(at_step)} if at_step else {}))
+        metrics.write_text(at_step, "sample", tokenizer.decode(np.concatenate(list(sample_ids), axis=1)))
         metrics.plot()
         tqdm.write(f"step {at_step}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
         if not all(map(math.isfinite, losses.values())):

@@ -61,17 +61,18 @@ def test_train_writes_tensorboard_events_and_a_loss_plot(trained, read_events):
         np.testing.assert_allclose([v for _, v in scalars[tag]], [v for _, v in expected], rtol=1e-6)  # float32
     assert [step for step, _ in scalars["eval/val_loss"]] == [0, 10, 20]
     assert "perf/mfu" not in scalars  # a CPU has no known peak: no MFU anywhere
-    samples = [(r["step"], r["sample"]) for r in records if "sample" in r]
-    assert [step for step, _ in samples] == [0, 10, 20] and all(len(text) == 200 for _, text in samples)
-    assert texts["eval/sample/text_summary"] == [(step, f"```\n{text}\n```") for step, text in samples]
+    samples = texts["eval/sample/text_summary"]
+    assert [step for step, _ in samples] == [0, 10, 20]
+    assert all(text.startswith("```\n") and text.endswith("\n```") and len(text) == 200 + 8 for _, text in samples)
     with open(os.path.join(workdir, "losses.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_sample_of_an_evaluation_is_what_sample_py_prints(trained):
+def test_the_sample_of_an_evaluation_is_what_sample_py_prints(trained, read_events):
     workdir, _ = trained
-    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    sample = [r["sample"] for r in records if r["step"] == 20 and "sample" in r][0]
+    step, text = read_events(workdir)[1]["eval/sample/text_summary"][-1]
+    sample = text.removeprefix("```\n").removesuffix("\n```")
+    assert step == 20 and len(sample) == 200
     result = run("sample.py", "--workdir", workdir, "--max_new_tokens", "200", "--temperature", "0.8")
     assert result.returncode == 0 and result.stdout == "\n" + sample + "\n"
 

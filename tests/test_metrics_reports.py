@@ -51,11 +51,13 @@ def test_tensorboard_events_and_jsonl_agree_and_resume_drops_later_steps(tmp_pat
     log = MetricsLog(path, None, tensorboard_dir=str(tmp_path))
     for step in range(0, 25, 5):
         log.write(step, loss=10.0 - step, lr=1e-3, tokens_per_s=1000.0 + step, mfu=None)
-    log.write(20, train_loss=1.5, val_loss=float("nan"), sample="Achilles\nsang")
+    log.write(20, train_loss=1.5, val_loss=float("nan"))
+    log.write_text(20, "sample", "Achilles\nsang")
     # Killed after step 20, resumed from the checkpoint at step 10: steps 15 and 20 come again.
     log = MetricsLog(path, 10, tensorboard_dir=str(tmp_path))
     log.write(15, loss=0.5, lr=1e-3, tokens_per_s=7.0)
-    log.write(20, train_loss=0.25, val_loss=0.375, sample="Hector")
+    log.write(20, train_loss=0.25, val_loss=0.375)
+    log.write_text(20, "sample", "Hector")
 
     scalars, texts = read_events(tmp_path)
     assert scalars["train/loss"] == [(0, 10.0), (5, 5.0), (10, 0.0), (15, 0.5)]
@@ -70,10 +72,12 @@ def test_tensorboard_events_and_jsonl_agree_and_resume_drops_later_steps(tmp_pat
     assert {tag: v for tag, v in read_events(tmp_path)[0].items() if v} == {"train/loss": [(0, 4.0)]}
 
 
-def test_nan_is_null_in_jsonl(tmp_path):
+def test_nan_is_null_in_jsonl_and_text_goes_to_tensorboard_only(tmp_path):
     path = str(tmp_path / "metrics.jsonl")
-    MetricsLog(path, None).write(3, loss=float("nan"), sample="x")
-    assert json.loads(open(path).read()) == {"step": 3, "loss": None, "sample": "x"}
+    log = MetricsLog(path, None)
+    log.write(3, loss=float("nan"))
+    log.write_text(3, "sample", "x")  # no tensorboard_dir: nowhere
+    assert json.loads(open(path).read()) == {"step": 3, "loss": None}
 
 
 def test_plot_draws_each_runs_losses(tmp_path):
