@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from configs import iliad_char  # after _common, which puts the repository on sys.path
 from orpheus_jax import config as config_lib, data
+from orpheus_jax.metrics import flops_per_token
 from orpheus_jax.model import GPTConfig, count_params
 from orpheus_jax.optim import make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
@@ -50,10 +51,6 @@ def make_config(name: str, assignments: list[str]):
     return cfg, overrides
 
 
-def flops_per_token(cfg, n_params: int) -> int:
-    return 6 * n_params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-
-
 def bench_steady_state(cfg, tokens, vocab_size: int, n_steps: int, warmup_calls: int):
     """(n_params, in-process compile seconds, seconds per optimizer step for each timed call)."""
     mesh = make_mesh()
@@ -66,7 +63,7 @@ def bench_steady_state(cfg, tokens, vocab_size: int, n_steps: int, warmup_calls:
     n_params = count_params(state.params)
 
     t0 = time.perf_counter()
-    train_step = make_train_step(cfg, model_cfg, optimizer, mesh).lower(state, train_data).compile()
+    train_step = make_train_step(cfg, model_cfg, optimizer, mesh).lower(state, train_data, cfg.steps_per_call).compile()
     compile_s = time.perf_counter() - t0
 
     def call():

@@ -4,6 +4,8 @@ lock that keeps it to one run at a time, and loading a trained run for use (para
     <workdir>/config.json      the run's config, with vocab_size
     <workdir>/tokenizer.json   the character vocabulary
     <workdir>/metrics.jsonl    one JSON object per log or eval line
+    <workdir>/events.out.tfevents.*   the same, for TensorBoard (one file per start)
+    <workdir>/losses.png       the loss curves, redrawn at every evaluation
     <workdir>/lock             who is training in it (pid, host); held with flock while they do
     <workdir>/checkpoints/<step>/state   Orbax checkpoints (params, optimizer state, step, rng)
 """
@@ -35,6 +37,10 @@ def tokenizer_path(workdir: str) -> str:
 
 def metrics_path(workdir: str) -> str:
     return os.path.join(workdir, "metrics.jsonl")
+
+
+def plot_path(workdir: str) -> str:
+    return os.path.join(workdir, "losses.png")
 
 
 class Checkpointer:

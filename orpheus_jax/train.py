@@ -16,16 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in notebooks, the usual bar in a terminal
 
 from orpheus_jax import OrpheusError, WriteError, checkpoint, config as config_lib, data
-from orpheus_jax.metrics import MetricsLog
+from orpheus_jax import metrics as metrics_lib
 from orpheus_jax.model import GPTConfig, forward, init_params
 from orpheus_jax.optim import lr_schedule, make_optimizer
+from orpheus_jax.sampler import Sampler, row_keys
 from orpheus_jax.sharding import batch_sharded, check_batch_divisible, make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
 
 EVAL_CHUNK = 10  # eval batches per jitted call: a stop request waits for one chunk, not a whole eval
+# Every evaluation logs a sample: what `sample.py --max_new_tokens 200 --temperature 0.8` prints then.
+EVAL_SAMPLE_CHARS, EVAL_SAMPLE_TEMPERATURE = 200, 0.8
 
 
 @flax.struct.dataclass
@@ -280,7 +283,8 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
         state = ckpt.restore(latest, checkpoint.abstract_like(state, rep))
     config_lib.save(cfg, tokenizer.vocab_size, checkpoint.config_path(workdir))
     tokenizer.save(checkpoint.tokenizer_path(workdir))
-    metrics = MetricsLog(checkpoint.metrics_path(workdir), latest)
+    metrics = metrics_lib.MetricsLog(checkpoint.metrics_path(workdir), latest, tensorboard_dir=workdir,
+                                     plot_path=checkpoint.plot_path(workdir))
 
     train_data, val_data = (jax.device_put(t, rep) for t in (train_tokens, val_tokens))
     step = int(state.step)
@@ -296,6 +300,9 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
     jitted_train_step = make_train_step(cfg, model_cfg, optimizer, mesh)
     compiled = {cfg.steps_per_call: jitted_train_step.lower(state, train_data, cfg.steps_per_call).compile()}
     eval_step = make_eval_step(cfg, model_cfg, mesh)
+    sampler = Sampler(model_cfg, state.params, batch_size=1, prng_impl=cfg.prng_impl, mesh=mesh)
+    sample_prompt = tokenizer.encode("\n" if "\n" in tokenizer.chars else tokenizer.chars[0])  # sample.py's default
+    sample_keys = row_keys(0, [0], cfg.prng_impl)  # sample.py's default seed
     print(f"Compiled the train step in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def train_call(state, n):
@@ -307,6 +314,7 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
     schedule = lr_schedule(cfg)
     lr_of = lambda s: float(schedule(s - 1))  # the rate of the update that brought the run to step s
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps
+    flops_per_token = metrics_lib.flops_per_token(cfg, n_params)
     intervals = (cfg.log_interval, cfg.eval_interval, cfg.checkpoint_interval)
 
     def evaluate(at_step, stop):
@@ -317,8 +325,12 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
             if losses[name] is None:
                 tqdm.write(f"step {at_step}: evaluation cut short by {stop.signal}")
                 return
-        tqdm.write(f"step {at_step}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
+        sampler.params = state.params  # the sampler's compiled steps take the parameters as an argument
+        sample_ids = sampler.generate(sample_prompt, EVAL_SAMPLE_CHARS, sample_keys, EVAL_SAMPLE_TEMPERATURE)
         metrics.write(at_step, **losses, **({"lr": lr_of(at_step)} if at_step else {}))
+        metrics.write_text(at_step, "sample", tokenizer.decode(np.concatenate(list(sample_ids), axis=1)))
+        metrics.plot()
+        tqdm.write(f"step {at_step}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
         if not all(map(math.isfinite, losses.values())):
             raise _diverged(at_step, f"the evaluation loss is {losses['val_loss']}", lr_of(at_step), ckpt)
 
@@ -359,9 +371,11 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
                 last = check_finite()  # the one sync per log_interval steps
                 now = time.perf_counter()
                 tokens_per_s = (step - log_step) * tokens_per_step / (now - log_time)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr_of(step):.2e}", tok_s=f"{tokens_per_s:,.0f}")
+                mfu = metrics_lib.mfu(tokens_per_s, flops_per_token, mesh.devices.flat)  # None on a CPU
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr_of(step):.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
                 metrics.write(step, loss=last["loss"], grad_norm=last["grad_norm"], lr=lr_of(step),
-                              tokens_per_s=tokens_per_s)
+                              tokens_per_s=tokens_per_s, mfu=mfu)
                 log_time, log_step = now, step
             evaluating = at(cfg.eval_interval) and not stop()  # a pending stop saves first, skips the eval
             if evaluating:

@@ -48,3 +48,26 @@ def tiny_run(small_text_path, tmp_path_factory) -> str:
     workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
     train(cfg, workdir, small_text_path)
     return workdir
+
+
+def _read_events(directory):
+    """({tag: [(step, value)]} of scalars, {tag: [(step, text)]} of texts) in a directory's TensorBoard
+    event files, read by the accumulator TensorBoard's server uses (it applies restarts' purges)."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+    acc = EventAccumulator(str(directory), size_guidance={"tensors": 0})
+    acc.Reload()
+    scalars, texts = {}, {}
+    for tag in acc.Tags()["tensors"]:
+        plugin = acc.SummaryMetadata(tag).plugin_data.plugin_name
+        values = [(e.step, make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+        if plugin == "scalars":
+            scalars[tag] = [(step, float(v)) for step, v in values]
+        elif plugin == "text":
+            texts[tag] = [(step, v.reshape(-1)[0].decode()) for step, v in values]
+    return scalars, texts
+
+
+@pytest.fixture
+def read_events():
+    return _read_events

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from script_runner import assert_one_line_error, run
 
@@ -36,6 +37,46 @@ def test_train_writes_checkpoints_metrics_config_and_tokenizer(trained):
     assert "step 20: train loss" in result.stdout and "8 cpu device(s)" in result.stdout
 
 
+def test_train_writes_tensorboard_events_and_a_loss_plot(trained, read_events):
+    workdir, _ = trained
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    scalars, texts = read_events(workdir)
+    for key, tag in [("loss", "train/loss"), ("lr", "train/lr"), ("tokens_per_s", "perf/tokens_per_s"),
+                     ("train_loss", "eval/train_loss"), ("val_loss", "eval/val_loss")]:
+        expected = [(r["step"], r[key]) for r in records if key in r]
+        assert [step for step, _ in scalars[tag]] == [step for step, _ in expected], tag
+        np.testing.assert_allclose([v for _, v in scalars[tag]], [v for _, v in expected], rtol=1e-6)  # float32
+    assert [step for step, _ in scalars["eval/val_loss"]] == [0, 10, 20]
+    assert "perf/mfu" not in scalars  # a CPU has no known peak: no MFU anywhere
+    samples = texts["eval/sample/text_summary"]
+    assert [step for step, _ in samples] == [0, 10, 20]
+    assert all(text.startswith("```\n") and text.endswith("\n```") and len(text) == 200 + 8 for _, text in samples)
+    with open(os.path.join(workdir, "losses.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sample_of_an_evaluation_is_what_sample_py_prints(trained, read_events):
+    workdir, _ = trained
+    step, text = read_events(workdir)[1]["eval/sample/text_summary"][-1]
+    sample = text.removeprefix("```\n").removesuffix("\n```")
+    assert step == 20 and len(sample) == 200
+    result = run("sample.py", "--workdir", workdir, "--max_new_tokens", "200", "--temperature", "0.8")
+    assert result.returncode == 0 and result.stdout == "\n" + sample + "\n"
+
+
+def test_plot_puts_several_runs_in_one_figure(trained, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text('{"step": 0, "train_loss": 4.2, "val_loss": 4.2}\n'
+                                         '{"step": 10, "train_loss": 3.0, "val_loss": 3.1}\n')
+    out = tmp_path / "both.png"
+    result = run("plot.py", trained[0], str(other), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_one_line_error(run("plot.py", str(tmp_path / "nope"), "--out", str(out)), "no metrics in")
+    assert_one_line_error(run("plot.py"), "RUN_DIR")
+
+
 def test_train_step_is_kept_in_the_compilation_cache(small_text_path, tmp_path):
     """What makes a second run start fast: with XLA's dots the compiled train step is written to disk."""
     result = run("train.py", *TINY, "--workdir", str(tmp_path / "run"), "--data", small_text_path,
@@ -50,13 +91,14 @@ def test_onednn_steps_missing_from_the_cache_is_not_warned_about(trained):
     assert "Error writing persistent compilation cache" not in trained[1].stderr
 
 
-def test_second_run_resumes_and_continues(trained, small_text_path, tmp_path):
+def test_second_run_resumes_and_continues(trained, small_text_path, tmp_path, read_events):
     workdir = str(tmp_path / "run")
     shutil.copytree(trained[0], workdir)
     result = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30")
     assert result.returncode == 0, result.stderr
     assert "resuming from step 20" in result.stdout and "step 30: train loss" in result.stdout
     assert "30" in os.listdir(os.path.join(workdir, "checkpoints"))
+    assert [step for step, _ in read_events(workdir)[0]["eval/val_loss"]] == [0, 10, 20, 30]
     again = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30")
     assert again.returncode == 0 and "Already trained to step 30" in again.stdout
 

@@ -104,6 +104,12 @@ def test_seeds_and_rows(params):
         np.testing.assert_array_equal(a[r], cached_tokens(one, [1, 2, 3], 30, seed=0, rows=[r])[0])
 
 
+# jax < 0.8.1 (Colab's 0.7.2) has the unregister function below only under a private name.
+if not hasattr(jax.monitoring, "unregister_event_duration_listener"):
+    from jax._src import monitoring as _monitoring
+    jax.monitoring.unregister_event_duration_listener = _monitoring._unregister_event_duration_listener_by_callback
+
+
 def test_one_compilation_serves_every_prompt_length(params):
     compiles = []
     listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
