@@ -147,8 +147,11 @@ def _ignore_closed_event_loop_callbacks() -> None:
 
 
 def abstract_like(tree, sharding):
-    """The restore target for a tree of arrays: same shapes and dtypes, placed with `sharding`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """The restore target for a tree of arrays: same shapes and dtypes, placed with `sharding` (one for
+    every leaf, or a tree of them). Orbax reshards onto it from whatever topology saved the checkpoint."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
 
 
 @dataclasses.dataclass

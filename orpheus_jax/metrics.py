@@ -26,17 +26,21 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 class MetricsLog:
-    """Appends records to <workdir>/metrics.jsonl; on resume, first drops what follows the checkpoint."""
+    """Appends records to <workdir>/metrics.jsonl; on resume, first drops what follows the checkpoint.
 
-    def __init__(self, path: str, resume_step: int | None):
+    path None: write nothing (the processes of a multi-process run other than process 0)."""
+
+    def __init__(self, path: str | None, resume_step: int | None):
         self.path = path
-        if os.path.exists(path):
+        if path and os.path.exists(path):
             # A run killed after its last checkpoint logged steps that the resumed run logs again:
             # keep each step once. A fresh start (no checkpoint) keeps nothing.
             kept = [] if resume_step is None else [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
             write_atomically(path, "".join(map(_line, kept)))
 
     def write(self, step: int, **values) -> None:
+        if not self.path:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(_line(dict(step=step, **values)))

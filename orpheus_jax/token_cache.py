@@ -18,6 +18,7 @@ import numpy as np
 
 from orpheus_jax import OrpheusError, write_atomically
 from orpheus_jax.cache import user_cache_dir
+from orpheus_jax.data import empty_text, not_utf8, open_text
 from orpheus_jax.tokenizer import CharTokenizer
 
 CHUNK_CHARS = 1 << 22  # 4M characters: ~20 MB of temporaries at worst (a chunk beyond ASCII)
@@ -54,20 +55,9 @@ def load(path: str, tokenizer: CharTokenizer | None = None) -> tuple[CharTokeniz
     return tokenizer, np.memmap(tokens_path, dtype=dtype, mode="r")
 
 
-def _open(path: str, mode: str = "r"):
-    try:
-        return open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
-    except FileNotFoundError:
-        raise OrpheusError(f"data file not found: {path}") from None
-    except IsADirectoryError:
-        raise OrpheusError(f"data path is a directory, not a text file: {path}") from None
-    except OSError as e:
-        raise OrpheusError(f"cannot read data file {path}: {(e.strerror or str(e)).lower()}") from None
-
-
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with _open(path, "rb") as f:
+    with open_text(path, binary=True) as f:
         while chunk := f.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
@@ -75,12 +65,12 @@ def _sha256(path: str) -> str:
 
 def _chunks(path: str):
     """The text in chunks of characters, decoded as data.read_text decodes it."""
-    with _open(path) as f:
+    with open_text(path) as f:
         try:
             while chunk := f.read(CHUNK_CHARS):
                 yield chunk
         except UnicodeDecodeError as e:
-            raise OrpheusError(f"data file is not UTF-8 text: {path} ({e.reason} at byte {_bad_byte(path)})") from None
+            raise not_utf8(path, e.reason, _bad_byte(path)) from None
 
 
 def _bad_byte(path: str) -> int:
@@ -110,7 +100,7 @@ def _scan(path: str) -> dict:
         else:
             seen.update(chunk)
     if not length:
-        raise OrpheusError(f"data file is empty: {path}")
+        raise empty_text(path)
     return {"chars": "".join(sorted(seen)), "length": length}
 
 

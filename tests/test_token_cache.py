@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from orpheus_jax import OrpheusError, data, token_cache
+from orpheus_jax import OrpheusError, token_cache
 from orpheus_jax.tokenizer import CharTokenizer
 
 
@@ -16,7 +16,8 @@ def cache(tmp_path, monkeypatch):
 
 def reference(path):
     """The whole text read at once and encoded at once: what the cache must reproduce."""
-    text = data.read_text(str(path))
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
     tokenizer = CharTokenizer.from_text(text)
     return tokenizer, tokenizer.encode(text)
 
