@@ -9,14 +9,16 @@ ids), later runs once (hash). The ids are exactly CharTokenizer.encode of the wh
 data.read_text reads it (UTF-8, universal newlines).
 """
 import codecs
+import contextlib
 import hashlib
 import json
 import os
+import socket
 import time
 
 import numpy as np
 
-from orpheus_jax import OrpheusError, write_atomically
+from orpheus_jax import OrpheusError
 from orpheus_jax.cache import user_cache_dir
 from orpheus_jax.data import empty_text, not_utf8, open_text
 from orpheus_jax.tokenizer import CharTokenizer
@@ -32,6 +34,7 @@ def load(path: str, tokenizer: CharTokenizer | None = None) -> tuple[CharTokeniz
     """(tokenizer, token ids of the text at `path` as a read-only memory map).
 
     tokenizer: the vocabulary to encode with (a resumed run's); None: the text's own characters."""
+    t0 = time.perf_counter()
     digest = _sha256(path)
     directory = os.path.join(user_cache_dir(), "tokens")
     try:
@@ -44,14 +47,18 @@ def load(path: str, tokenizer: CharTokenizer | None = None) -> tuple[CharTokeniz
             info = json.load(f)
     except (OSError, ValueError):
         info = _scan(path)
-        write_atomically(chars_path, json.dumps(info))
+        with _new_file(chars_path) as f:
+            f.write(json.dumps(info).encode("utf-8"))
     tokenizer = tokenizer or CharTokenizer(info["chars"])
     tokenizer.encode(info["chars"])  # characters outside the vocabulary: the one-line error naming them
     dtype = token_dtype(tokenizer.vocab_size)
     vocab_digest = hashlib.sha256(tokenizer.chars.encode("utf-8")).hexdigest()[:16]
     tokens_path = os.path.join(directory, f"{digest}-{vocab_digest}.{dtype.name}")
     if not os.path.exists(tokens_path) or os.path.getsize(tokens_path) != info["length"] * dtype.itemsize:
+        print(f"Tokenizing {path} ({os.path.getsize(path) / 1e6:,.1f} MB) into {tokens_path}", flush=True)
         _encode(path, tokenizer, dtype, tokens_path)
+        seconds = time.perf_counter() - t0  # all of it: hashing, finding the characters, encoding
+        print(f"Tokenized in {seconds:.1f} s ({os.path.getsize(path) / 1e6 / seconds:,.0f} MB/s)", flush=True)
     return tokenizer, np.memmap(tokens_path, dtype=dtype, mode="r")
 
 
@@ -105,23 +112,27 @@ def _scan(path: str) -> dict:
 
 
 def _encode(path: str, tokenizer: CharTokenizer, dtype: np.dtype, tokens_path: str) -> None:
-    size, t0 = os.path.getsize(path), time.perf_counter()
-    print(f"Tokenizing {path} ({size / 1e6:,.1f} MB) into {tokens_path}", flush=True)
     # With one-byte ids, a byte -> id table for ASCII chunks: bytes.translate maps them at memory speed.
     ascii_ids = bytes(tokenizer.chars.find(chr(b)) % 256 for b in range(256)) if dtype == np.uint8 else None
-    tmp = f"{tokens_path}.{os.getpid()}.part"
+    with _new_file(tokens_path) as out:
+        for chunk in _chunks(path):
+            if ascii_ids and chunk.isascii():
+                out.write(chunk.encode("ascii").translate(ascii_ids))
+            else:
+                out.write(tokenizer.encode(chunk).astype(dtype).tobytes())
+
+
+@contextlib.contextmanager
+def _new_file(path: str):
+    """Write a cache file under a name of this process's own, then rename it into place: processes of
+    a run sharing the cache (on one host or several) may write the same file at the same time."""
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.part"
     try:
-        with open(tmp, "wb") as out:
-            for chunk in _chunks(path):
-                if ascii_ids and chunk.isascii():
-                    out.write(chunk.encode("ascii").translate(ascii_ids))
-                else:
-                    out.write(tokenizer.encode(chunk).astype(dtype).tobytes())
-        os.replace(tmp, tokens_path)
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
     except OSError as e:
-        raise OrpheusError(f"cannot write the token cache {tokens_path}: {(e.strerror or str(e)).lower()}") from None
+        raise OrpheusError(f"cannot write the token cache {path}: {(e.strerror or str(e)).lower()}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    seconds = time.perf_counter() - t0
-    print(f"Tokenized in {seconds:.1f} s ({size / 1e6 / seconds:,.0f} MB/s)", flush=True)

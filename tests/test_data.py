@@ -127,6 +127,16 @@ def test_sample_batch_draws_seeded_windows():
 
 # --- splits beyond the device budget: windows cut on the host -------------------------------------
 
+def test_a_split_within_the_budget_is_on_every_device_in_its_own_type(tmp_path):
+    np.arange(3000, dtype=np.uint16).tofile(tmp_path / "tokens.uint16")
+    tokens = np.memmap(tmp_path / "tokens.uint16", np.uint16, mode="r")[1000:]
+    mesh = make_mesh()
+    placed = data.place(tokens, mesh, budget_bytes=tokens.nbytes, batch_size=8, block_size=16)
+    assert placed.dtype == np.uint16 and placed.sharding.is_fully_replicated and len(placed.devices()) == 8
+    np.testing.assert_array_equal(np.asarray(placed), np.arange(1000, 3000))
+    assert isinstance(data.place(tokens, mesh, tokens.nbytes - 1, 8, 16), data.HostSplit)
+
+
 @pytest.mark.parametrize("grad_accum_steps, prng_impl", [(1, "threefry2x32"), (2, "threefry2x32"), (2, "rbg")])
 def test_host_windows_equal_the_device_windows(grad_accum_steps, prng_impl, monkeypatch, tmp_path):
     """Steps 3..10 drawn in blocks of 4 steps on the host; each step's windows on the device as the step cuts them."""
