@@ -33,7 +33,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             cluster_detection_method="deactivate" if None not in given else None)
     except Exception as e:  # no coordinator within the timeout, a bad address, no cluster detected, ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise OrpheusError(f"cannot join the multi-process run: {reason}") from None
+        hint = ("; --distributed works where JAX detects the cluster (TPU pod slices, SLURM, Open MPI, Kubernetes), "
+                "elsewhere pass --coordinator_address, --num_processes and --process_id") if auto else ""
+        raise OrpheusError(f"cannot join the multi-process run: {reason}{hint}") from None
 
 
 def shutdown() -> None:

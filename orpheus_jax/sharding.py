@@ -2,8 +2,8 @@
 
 Parameters and optimizer state are either replicated on every device, or sharded over the same axis
 (FSDP, after google-deepmind/nanodo): each matrix is split along a dimension the device count divides,
-and gathered whole for the forward and backward pass of a step (see train.loss_fn), so the gradient
-comes back reduce-scattered onto the same shards.
+and gathered whole for the forward and backward pass of a step (train.make_train_step), so the
+gradient is summed back onto the same shards (a reduce-scatter; XLA:CPU all-reduces, then slices).
 """
 import math
 

@@ -96,7 +96,7 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
 
     def micro_step(params, window_BW, dropout_key):
         inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW))
-        # The parameters whole for the pass (a no-op unless FSDP): their gradient is reduce-scattered back.
+        # The parameters whole for the pass (a no-op unless FSDP); their gradient is summed back onto the shards.
         loss_of = lambda p: loss_fn(model_cfg, lax.with_sharding_constraint(p, rep), inputs_BT, targets_BT,
                                     dropout_key, False)
         return jax.value_and_grad(loss_of)(params)

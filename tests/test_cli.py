@@ -216,3 +216,14 @@ def test_sample_without_workdir_or_checkpoint(tmp_path):
     assert_one_line_error(run("sample.py", "--workdir", str(tmp_path / "nope")), "no such workdir")
     assert_one_line_error(run("sample.py", "--workdir", str(tmp_path)), "no checkpoints in")
     assert_one_line_error(run("sample.py"), "--workdir")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--distributed"], "cannot join the multi-process run|elsewhere pass --coordinator_address"),
+    (["--coordinator_address", "localhost:1", "--num_processes", "2", "--process_id", "2"], "process_id < num_processes"),
+    (["--num_processes", "two"], "--num_processes"),
+])
+def test_bad_multi_process_flags(args, words, tmp_path, small_text_path):
+    result = run("train.py", *TINY, "--workdir", str(tmp_path), "--data", small_text_path, *args,
+                 env={"JAX_PLATFORMS": "cpu"})
+    assert_one_line_error(result, *words.split("|"))
