@@ -6,8 +6,8 @@ Gutenberg #2199 (Samuel Butler's Iliad), stripped of Gutenberg's header and foot
 Batches are random windows of block_size + 1 tokens. The windows of step s come from
 fold_in(key, s) (step_keys), whatever the topology. A split within the device budget is held whole on
 every device, in the token file's integer type, and the windows are cut inside the jitted step
-(sample_windows). A larger split stays memory-mapped on the host (HostSplit): the same keys draw the
-same window starts, and each process cuts the rows of its own devices from the memory map.
+(sample_windows). A larger split stays on the host (HostSplit): the same keys draw the same window
+starts there, and each process reads the rows of its own devices from the token file.
 """
 import functools
 import mmap
@@ -182,7 +182,7 @@ class HostSplit:
     The windows are read with pread, not through the memory map: random reads through a map fault whole
     (large) page-cache folios into the process, about 1.7 MB of RSS per window on the kernel measured, so
     the RSS of a long run would grow to the size of the file."""
-    DRAW_STEPS = 1024  # train steps whose starts are drawn at once (on a CPU-only host, a draw waits for the device)
+    DRAW_STEPS = 1024  # train steps drawn at once: on a CPU-only host, a draw waits for the device
 
     def __init__(self, tokens_N: np.memmap, mesh, batch_size: int, block_size: int):
         self.shape, self.dtype = tokens_N.shape, tokens_N.dtype
@@ -218,7 +218,8 @@ class HostSplit:
         windows = np.empty(starts.shape + (width,), self.dtype)
         size, fd = width * self.dtype.itemsize, self._file.fileno()
         for i, start in np.ndenumerate(starts):
-            windows[i] = np.frombuffer(os.pread(fd, size, self._offset + int(start) * self.dtype.itemsize), self.dtype)
+            offset = self._offset + int(start) * self.dtype.itemsize
+            windows[i] = np.frombuffer(os.pread(fd, size, offset), self.dtype)
         return windows
 
 
