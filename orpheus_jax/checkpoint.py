@@ -125,9 +125,9 @@ def _quiet_stderr():
     real_stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
     try:
         yield
-    finally:
-        sys.stderr.close()
-        sys.stderr = real_stderr
+    finally:  # put stderr back before closing the null file: Orbax's threads may report meanwhile
+        quiet, sys.stderr = sys.stderr, real_stderr
+        quiet.close()
 
 
 def _ignore_closed_event_loop_callbacks() -> None:
