@@ -6,6 +6,9 @@
     python train.py --data my_text.txt --config.batch_size=32
 
 Re-running with the same --workdir resumes from its latest checkpoint; Ctrl-C saves one and exits.
+
+Several hosts: the same command on every host, plus --distributed (TPU pod slices, SLURM: JAX finds the
+others) or --coordinator_address HOST:PORT --num_processes N --process_id I (see the README).
 """
 import os
 import sys
@@ -14,7 +17,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from orpheus_jax import OrpheusError, config as config_lib, data
+from orpheus_jax import OrpheusError, config as config_lib, data, distributed
 from orpheus_jax.cache import enable_compilation_cache
 from orpheus_jax.train import train
 
@@ -30,13 +33,33 @@ def default_config_path() -> str:
     return SEED_CONFIG if jax.default_backend() != "cpu" else CPU_CONFIG
 
 
-config_flags.DEFINE_config_file("config", default_config_path(), "Config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 flags.DEFINE_string("data", None, "Training text (default: $ORPHEUS_DATA, else the Iliad, downloaded once).")
+# A multi-process run (one process per host), with jax.distributed's own names.
+flags.DEFINE_bool("distributed", False, "Join a multi-process run that JAX detects (TPU pod slice, SLURM, Open MPI).")
+flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, which every process can reach.")
+flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+flags.DEFINE_integer("process_id", None, "This process's number, 0 .. num_processes - 1.")
+flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "Seconds of silence after which a process counts as dead "
+                     "and the run ends.")
 FLAGS = flags.FLAGS
 
 
+def join_run() -> None:
+    """Join a multi-process run, if asked, before anything touches a device (choosing the default config does)."""
+    try:
+        FLAGS(sys.argv, known_only=True)
+    except flags.Error as e:
+        raise OrpheusError(str(e).splitlines()[0]) from None
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                           auto=FLAGS.distributed, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+
+
 def main() -> None:
+    join_run()
+    if not distributed.is_main():  # one voice per run: process 0's (errors still reach stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    config_flags.DEFINE_config_file("config", default_config_path(), "Config file (configs/*.py).", lock_config=True)
     try:
         FLAGS(sys.argv)
         cfg = FLAGS.config
@@ -58,6 +81,7 @@ def main() -> None:
     workdir = FLAGS.workdir or os.path.join("runs", name)
     enable_compilation_cache()
     train(cfg, workdir, data.resolve_corpus(FLAGS.data))
+    distributed.shutdown()  # leaves with the other processes, so none is cut off
 
 
 if __name__ == "__main__":

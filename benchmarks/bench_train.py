@@ -68,8 +68,8 @@ def bench_steady_state(cfg, tokens, vocab_size: int, n_steps: int, warmup_calls:
 
     def call():
         nonlocal state  # the step donates the state: keep only the newest
-        state, losses = train_step(state, train_data)
-        losses.block_until_ready()
+        state, metrics = train_step(state, train_data)
+        metrics["loss"].block_until_ready()
 
     calls = max(1, -(-n_steps // cfg.steps_per_call))  # whole calls covering n_steps optimizer steps
     times = _common.time_calls(call, calls, warmup=warmup_calls)

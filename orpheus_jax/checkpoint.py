@@ -139,9 +139,9 @@ def _quiet_stderr():
     real_stderr, sys.stderr = sys.stderr, open(os.devnull, "w")
     try:
         yield
-    finally:
-        sys.stderr.close()
-        sys.stderr = real_stderr
+    finally:  # put stderr back before closing the null file: Orbax's threads may report meanwhile
+        quiet, sys.stderr = sys.stderr, real_stderr
+        quiet.close()
 
 
 def _ignore_closed_event_loop_callbacks() -> None:
@@ -169,8 +169,11 @@ def _ignore_closed_event_loop_callbacks() -> None:
 
 
 def abstract_like(tree, sharding):
-    """The restore target for a tree of arrays: same shapes and dtypes, placed with `sharding`."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+    """The restore target for a tree of arrays: same shapes and dtypes, placed with `sharding` (one for
+    every leaf, or a tree of them). Orbax reshards onto it from whatever topology saved the checkpoint."""
+    if isinstance(sharding, jax.sharding.Sharding):
+        sharding = jax.tree.map(lambda _: sharding, tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sharding)
 
 
 @dataclasses.dataclass

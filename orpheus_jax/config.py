@@ -15,6 +15,7 @@ DTYPES = ("float32", "bfloat16")
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 DROPOUT_RNGS = ("jax", "hash")
 CPU_DOTS = ("onednn", "xla")
+PARAM_SHARDINGS = ("replicated", "fsdp")
 
 # Keys that fix the shapes of the parameters: a checkpoint only fits a config that agrees on them.
 MODEL_SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pos_encoding")
@@ -24,7 +25,7 @@ REQUIRED_KEYS = (
     "n_layer", "n_head", "n_embd", "dropout", "seed", "min_lr", "warmup_iters", "weight_decay",
     "beta1", "beta2", "grad_clip", "grad_accum_steps", "pos_encoding", "attn_scale", "dtype",
     "prng_impl", "val_fraction", "checkpoint_interval", "keep_checkpoints", "log_interval",
-    "steps_per_call", "lr_decay_iters", "dropout_rng", "cpu_dots",
+    "steps_per_call", "lr_decay_iters", "dropout_rng", "cpu_dots", "param_sharding", "device_data_budget",
 )
 
 
@@ -42,7 +43,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
                 "n_head", "n_embd", "grad_accum_steps", "checkpoint_interval", "keep_checkpoints",
                 "log_interval", "steps_per_call"):
         check(isinstance(cfg[key], int) and cfg[key] > 0, f"{key} must be a positive integer, got {cfg[key]!r}")
-    for key in ("warmup_iters", "lr_decay_iters"):
+    for key in ("warmup_iters", "lr_decay_iters", "device_data_budget"):
         check(isinstance(cfg[key], int) and cfg[key] >= 0, f"{key} must be a non-negative integer, got {cfg[key]!r}")
     check(cfg.n_embd % cfg.n_head == 0, f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     check(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
@@ -57,6 +58,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
     check(cfg.dropout_rng in DROPOUT_RNGS, f"dropout_rng must be one of {DROPOUT_RNGS}, got {cfg.dropout_rng!r}")
     check(cfg.cpu_dots in CPU_DOTS, f"cpu_dots must be one of {CPU_DOTS}, got {cfg.cpu_dots!r}")
+    check(cfg.param_sharding in PARAM_SHARDINGS,
+          f"param_sharding must be one of {PARAM_SHARDINGS}, got {cfg.param_sharding!r}")
     check(cfg.prng_impl in PRNG_IMPLS, f"prng_impl must be one of {PRNG_IMPLS}, got {cfg.prng_impl!r}")
     for key in ("max_iters", "eval_interval", "checkpoint_interval", "log_interval"):
         check(cfg[key] % cfg.steps_per_call == 0,

@@ -81,12 +81,14 @@ def read_jsonl(path: str) -> list[dict]:
 
 class MetricsLog:
     """Appends records to <workdir>/metrics.jsonl and, given the directories, to TensorBoard event
-    files and a loss plot. On resume it first drops what follows the checkpoint, in both."""
+    files and a loss plot. On resume it first drops what follows the checkpoint, in both.
 
-    def __init__(self, path: str, resume_step: int | None, *, tensorboard_dir: str | None = None,
+    path None: write nothing (the processes of a multi-process run other than process 0)."""
+
+    def __init__(self, path: str | None, resume_step: int | None, *, tensorboard_dir: str | None = None,
                  plot_path: str | None = None):
         self.path, self.plot_path = path, plot_path
-        if os.path.exists(path):
+        if path and os.path.exists(path):
             # A run killed after its last checkpoint logged steps that the resumed run logs again:
             # keep each step once. A fresh start (no checkpoint) keeps nothing.
             kept = [] if resume_step is None else [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
@@ -99,6 +101,8 @@ class MetricsLog:
 
     def write(self, step: int, **values) -> None:
         """One record; values that are None (e.g. an MFU without a known peak) are left out."""
+        if not self.path:
+            return
         values = {k: v for k, v in values.items() if v is not None}
         try:
             with open(self.path, "a") as f:

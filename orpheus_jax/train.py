@@ -1,7 +1,8 @@
 """Training: the train state, the jitted train and eval steps, and the loop that runs them.
 
 Everything random is derived from (seed, step): the batch and the dropout masks of step s come from
-fold_in(rng, s), so a run resumed from a checkpoint at step s draws exactly what it would have drawn.
+fold_in(rng, s) (data.step_keys), so a run resumed from a checkpoint at step s draws exactly what it
+would have drawn, on any number of devices and processes.
 """
 import functools
 import math
@@ -18,8 +19,8 @@ import optax
 from jax import lax
 from tqdm.auto import tqdm  # a widget in notebooks, the usual bar in a terminal
 
-from orpheus_jax import OrpheusError, WriteError, checkpoint, config as config_lib, data
-from orpheus_jax import metrics as metrics_lib
+from orpheus_jax import OrpheusError, WriteError, checkpoint, config as config_lib, data, distributed, sharding
+from orpheus_jax import metrics as metrics_lib, token_cache
 from orpheus_jax.model import GPTConfig, forward, init_params
 from orpheus_jax.optim import lr_schedule, make_optimizer
 from orpheus_jax.sampler import Sampler, row_keys
@@ -44,6 +45,12 @@ def init_state(cfg, model_cfg: GPTConfig, optimizer) -> TrainState:
     params = init_params(model_cfg, param_key)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                       rng=jax.random.key_data(train_key))
+
+
+def state_shardings(cfg, model_cfg: GPTConfig, optimizer, mesh):
+    """The train state's shardings: replicated, or FSDP (cfg.param_sharding)."""
+    shapes = jax.eval_shape(lambda: init_state(cfg, model_cfg, optimizer))
+    return sharding.state_shardings(shapes, mesh, cfg.param_sharding)
 
 
 def eval_key(cfg, step: int) -> jax.Array:
@@ -82,55 +89,76 @@ def compiler_options(cfg, mesh) -> dict:
 
 
 def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
-    """jit(state, train_data, n_steps) -> (state, {"loss", "grad_norm"} of each of the n_steps steps).
+    """jit(state, train_source, n_steps) -> (state, {"loss", "grad_norm"} of each of the n_steps steps).
 
-    n_steps is static (steps_per_call, or fewer to land on an interval boundary after a resume)."""
-    batch = batch_sharded(mesh)
+    train_source: the training split on every device (the step cuts its windows), or the windows of
+    these n_steps steps cut on the host (windows_NGBW from data.HostSplit). n_steps is static
+    (steps_per_call, or fewer to land on an interval boundary after a resume)."""
+    batch, rep = batch_sharded(mesh), replicated(mesh)
 
-    def micro_step(params, train_data, key):
-        batch_key, dropout_key = jax.random.split(key)
-        inputs_BT, targets_BT = data.sample_batch(train_data, batch_key, cfg.batch_size, cfg.block_size)
-        inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in (inputs_BT, targets_BT))
-        return jax.value_and_grad(lambda p: loss_fn(model_cfg, p, inputs_BT, targets_BT, dropout_key, False))(params)
+    def micro_step(params, window_BW, dropout_key):
+        inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW))
+        # The parameters whole for the pass (a no-op unless FSDP); their gradient is summed back onto the shards.
+        loss_of = lambda p: loss_fn(model_cfg, lax.with_sharding_constraint(p, rep), inputs_BT, targets_BT,
+                                    dropout_key, False)
+        return jax.value_and_grad(loss_of)(params)
 
-    def one_step(state: TrainState, train_data):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=cfg.prng_impl), state.step)
+    def one_step(state: TrainState, train_data, windows_GBW):
+        key = jax.random.wrap_key_data(state.rng, impl=cfg.prng_impl)
+        batch_keys_G, dropout_keys_G = data.step_keys(key, state.step, cfg.grad_accum_steps)
+
+        def micro(params, batch_key, dropout_key, window_BW):
+            if window_BW is None:
+                window_BW = data.sample_windows(train_data, batch_key, cfg.batch_size, cfg.block_size)
+            return micro_step(params, window_BW, dropout_key)
+
         if cfg.grad_accum_steps == 1:
-            loss, grads = micro_step(state.params, train_data, key)
+            loss, grads = micro(state.params, batch_keys_G[0], dropout_keys_G[0],
+                                None if windows_GBW is None else windows_GBW[0])
         else:  # mean of micro-batch gradients: the gradient of the mean loss over the big batch
-            def accumulate(grads_sum, micro_key):
-                loss, grads = micro_step(state.params, train_data, micro_key)
+            def accumulate(grads_sum, micro_xs):
+                loss, grads = micro(state.params, *micro_xs)
                 return jax.tree.map(jnp.add, grads_sum, grads), loss
             zeros = jax.tree.map(jnp.zeros_like, state.params)
-            grads_sum, losses = lax.scan(accumulate, zeros, jax.random.split(key, cfg.grad_accum_steps))
+            grads_sum, losses = lax.scan(accumulate, zeros, (batch_keys_G, dropout_keys_G, windows_GBW))
             loss, grads = losses.mean(), jax.tree.map(lambda g: g / cfg.grad_accum_steps, grads_sum)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    def train_steps(state, train_data, n_steps):
+    def train_steps(state, train_source, n_steps):
         # Several steps per call amortize dispatch for small models; the metrics come back stacked.
-        return lax.scan(lambda s, _: one_step(s, train_data), state, None, length=n_steps)
+        on_host = train_source.ndim > 1  # windows_NGBW
+        return lax.scan(lambda s, windows_GBW: one_step(s, None if on_host else train_source, windows_GBW),
+                        state, train_source if on_host else None, length=n_steps)
 
-    rep = replicated(mesh)
-    return jax.jit(train_steps, static_argnums=2, in_shardings=(rep, rep), out_shardings=(rep, rep),
+    shardings = state_shardings(cfg, model_cfg, optimizer, mesh)
+    # The source keeps the sharding it was placed with (data.to_device, or HostSplit's batch split).
+    return jax.jit(train_steps, static_argnums=2, in_shardings=(shardings, None), out_shardings=(shardings, rep),
                    donate_argnums=0, compiler_options=compiler_options(cfg, mesh))
 
 
 def make_eval_step(cfg, model_cfg: GPTConfig, mesh):
-    """jit(params, split_data, keys_C) -> losses_C: the loss of one batch per key."""
-    batch = batch_sharded(mesh)
+    """jit(params, source, keys_C) -> losses_C: the loss of one batch per key.
 
-    def eval_losses(params, split_data, keys_C):
-        def one_batch(_, k):
-            inputs_BT, targets_BT = data.sample_batch(split_data, k, cfg.batch_size, cfg.block_size)
-            inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in (inputs_BT, targets_BT))
+    source: the split on every device, or the batches' windows cut on the host (windows_CBW)."""
+    batch, rep = batch_sharded(mesh), replicated(mesh)
+
+    def eval_losses(params, source, keys_C):
+        params = lax.with_sharding_constraint(params, rep)
+        on_host = source.ndim > 1
+
+        def one_batch(_, xs):
+            key, window_BW = xs
+            if window_BW is None:
+                window_BW = data.sample_windows(source, key, cfg.batch_size, cfg.block_size)
+            inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW))
             return None, loss_fn(model_cfg, params, inputs_BT, targets_BT)
-        return lax.scan(one_batch, None, keys_C)[1]
+        return lax.scan(one_batch, None, (keys_C, source if on_host else None))[1]
 
-    rep = replicated(mesh)
-    return jax.jit(eval_losses, in_shardings=(rep, rep, rep), out_shardings=rep,
+    param_shardings = state_shardings(cfg, model_cfg, make_optimizer(cfg), mesh).params
+    return jax.jit(eval_losses, in_shardings=(param_shardings, None, rep), out_shardings=rep,
                    compiler_options=compiler_options(cfg, mesh))
 
 
@@ -142,7 +170,9 @@ def estimate_loss(eval_step, params, split_data, key, eval_iters: int, should_st
     keys = jax.random.split(key, n_chunks * chunk)  # the last chunk's extra batches are dropped below
     losses, pending = [], None
     for i in range(n_chunks):
-        dispatched = eval_step(params, split_data, keys[i * chunk:(i + 1) * chunk])
+        chunk_keys = keys[i * chunk:(i + 1) * chunk]
+        source = split_data.eval_windows(chunk_keys) if isinstance(split_data, data.HostSplit) else split_data
+        dispatched = eval_step(params, source, chunk_keys)
         if pending is not None:
             losses.append(np.asarray(pending))
         pending = dispatched
@@ -198,9 +228,8 @@ def prepare_run(cfg, workdir: str, data_path: str, latest: int | None):
 
     Returns (cfg, tokenizer, train_tokens, val_tokens); cfg is the given one, except that a resumed
     run with a new max_iters keeps the learning-rate schedule it had (see continue_schedule)."""
-    text = data.read_text(data_path)
     if latest is None:
-        tokenizer = CharTokenizer.from_text(text)
+        tokenizer = None  # the text's own characters
     else:  # resuming: the checkpoint's vocabulary and shapes rule
         if not os.path.exists(checkpoint.config_path(workdir)):
             raise OrpheusError(f"{workdir} holds checkpoints but no config.json; use another --workdir")
@@ -211,7 +240,7 @@ def prepare_run(cfg, workdir: str, data_path: str, latest: int | None):
             raise OrpheusError(f"{workdir} holds a checkpoint of a different model ({mismatch}); "
                                "use another --workdir or the same config")
         cfg = continue_schedule(saved, cfg, latest)
-    tokens = tokenizer.encode(text)
+    tokenizer, tokens = token_cache.load(data_path, tokenizer)
     train_tokens, val_tokens = data.split(tokens, cfg.val_fraction, cfg.block_size)
     return cfg, tokenizer, train_tokens, val_tokens
 
@@ -236,15 +265,17 @@ def train(cfg, workdir: str, data_path: str, *, devices=None) -> TrainState:
     """Train (or resume) the run in `workdir` until cfg.max_iters; return the final state."""
     mesh = make_mesh(devices)
     check_batch_divisible(cfg.batch_size, mesh)
-    lock = checkpoint.WorkdirLock(workdir)
+    # Process 0 holds the lock for all the processes of a run; only it writes outside the checkpoints.
+    lock = checkpoint.WorkdirLock(workdir) if distributed.is_main() else None
     try:
-        if lock.previous_holder:
+        if lock and lock.previous_holder:
             print(f"Taking over {workdir} from a run that is no longer running ({lock.previous_holder})", flush=True)
         ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
         state = _train(cfg, workdir, data_path, mesh, ckpt)
         ckpt.close()  # not on errors: closing waits on Orbax's threads, and _train waited for its saves
     finally:
-        lock.release()
+        if lock:
+            lock.release()
     return state
 
 
@@ -276,29 +307,44 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
     cfg, tokenizer, train_tokens, val_tokens = prepare_run(cfg, workdir, data_path, latest)
     model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
     optimizer = make_optimizer(cfg)
-    rep = replicated(mesh)
+    shardings = state_shardings(cfg, model_cfg, optimizer, mesh)
+    if latest is None:
+        state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer), out_shardings=shardings)()
+    else:  # onto this run's mesh and shardings, whatever the topology that saved it
+        shapes = jax.eval_shape(lambda: init_state(cfg, model_cfg, optimizer))
+        state = ckpt.restore(latest, checkpoint.abstract_like(shapes, shardings))
+    main = distributed.is_main()
+    if main:
+        config_lib.save(cfg, tokenizer.vocab_size, checkpoint.config_path(workdir))
+        tokenizer.save(checkpoint.tokenizer_path(workdir))
+    metrics = metrics_lib.MetricsLog(checkpoint.metrics_path(workdir) if main else None, latest,
+                                     tensorboard_dir=workdir if main else None,
+                                     plot_path=checkpoint.plot_path(workdir) if main else None)
 
-    state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer), out_shardings=rep)()
-    if latest is not None:
-        state = ckpt.restore(latest, checkpoint.abstract_like(state, rep))
-    config_lib.save(cfg, tokenizer.vocab_size, checkpoint.config_path(workdir))
-    tokenizer.save(checkpoint.tokenizer_path(workdir))
-    metrics = metrics_lib.MetricsLog(checkpoint.metrics_path(workdir), latest, tensorboard_dir=workdir,
-                                     plot_path=checkpoint.plot_path(workdir))
-
-    train_data, val_data = (jax.device_put(t, rep) for t in (train_tokens, val_tokens))
+    train_data, val_data = (data.place(t, mesh, cfg.device_data_budget, cfg.batch_size, cfg.block_size)
+                            for t in (train_tokens, val_tokens))
+    on_host = isinstance(train_data, data.HostSplit)
+    train_key = jax.random.wrap_key_data(np.asarray(state.rng), impl=cfg.prng_impl)  # for windows cut on the host
     step = int(state.step)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
+    on_host_names = [name for name, d in (("train", train_data), ("val", val_data)) if isinstance(d, data.HostSplit)]
     print(f"{n_params:,} parameters, vocab {tokenizer.vocab_size}, {len(train_tokens):,} train / "
           f"{len(val_tokens):,} val characters, {mesh.devices.size} {jax.default_backend()} device(s)"
+          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+          + (f", {cfg.param_sharding} parameters" if cfg.param_sharding != "replicated" else "")
+          + (f"; {' and '.join(on_host_names)} split batched on the host" if on_host_names else "")
           + (f"; resuming from step {step}" if latest is not None else ""), flush=True)
     if step >= cfg.max_iters:
         print(f"Already trained to step {step} (max_iters {cfg.max_iters}); raise --config.max_iters to continue.")
         return state
 
+    def train_source(n):  # what the call of steps step .. step + n - 1 reads
+        return train_data.train_windows(train_key, step, n, cfg.grad_accum_steps) if on_host else train_data
+
     t0 = time.perf_counter()
     jitted_train_step = make_train_step(cfg, model_cfg, optimizer, mesh)
-    compiled = {cfg.steps_per_call: jitted_train_step.lower(state, train_data, cfg.steps_per_call).compile()}
+    compiled = {cfg.steps_per_call: jitted_train_step.lower(state, train_source(cfg.steps_per_call),
+                                                            cfg.steps_per_call).compile()}
     eval_step = make_eval_step(cfg, model_cfg, mesh)
     sampler = Sampler(model_cfg, state.params, batch_size=1, prng_impl=cfg.prng_impl, mesh=mesh)
     sample_prompt = tokenizer.encode("\n" if "\n" in tokenizer.chars else tokenizer.chars[0])  # sample.py's default
@@ -307,9 +353,10 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
 
     def train_call(state, n):
         # Calls shorter than steps_per_call happen only to land on a boundary after a resume.
+        source = train_source(n)
         if n not in compiled:
-            compiled[n] = jitted_train_step.lower(state, train_data, n).compile()
-        return compiled[n](state, train_data)
+            compiled[n] = jitted_train_step.lower(state, source, n).compile()
+        return compiled[n](state, source)
 
     schedule = lr_schedule(cfg)
     lr_of = lambda s: float(schedule(s - 1))  # the rate of the update that brought the run to step s
@@ -321,7 +368,7 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
         key_train, key_val = jax.random.split(eval_key(cfg, at_step))
         losses = {}
         for name, key, split_data in (("train_loss", key_train, train_data), ("val_loss", key_val, val_data)):
-            losses[name] = estimate_loss(eval_step, state.params, split_data, key, cfg.eval_iters, stop)
+            losses[name] = estimate_loss(eval_step, state.params, split_data, key, cfg.eval_iters, stop.poll)
             if losses[name] is None:
                 tqdm.write(f"step {at_step}: evaluation cut short by {stop.signal}")
                 return
@@ -351,17 +398,19 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
             last = {k: float(v[-1]) for k, v in host.items()}
         return last
 
-    with _StopRequest() as stop:
+    with _StopRequest() as request:
+        stop = distributed.StopAgreement(request, mesh)  # every process stops after the same call
         if step == 0:
             evaluate(0, stop)
         start_step = step
-        bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True, disable=None)
+        bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True, disable=None if main else True)
         log_time, log_step = time.perf_counter(), step
         while step < cfg.max_iters and not stop():
             boundary = min([step - step % i + i for i in intervals] + [cfg.max_iters])
             n = min(cfg.steps_per_call, boundary - step)
             state, call_metrics = train_call(state, n)
             unchecked.append((step, call_metrics))
+            stop.poll()
             step += n
             # At most two calls in flight: the device never idles, the host never runs far ahead.
             check_finite(keep_last=1)
@@ -381,7 +430,7 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
             if evaluating:
                 check_finite()
                 evaluate(step, stop)
-            saving = at(cfg.checkpoint_interval) or stop()  # a stop may have come during the evaluation
+            saving = at(cfg.checkpoint_interval) or stop()  # after the eval: a stop may have cut it short
             if saving:
                 check_finite()
                 if not bool(all_finite(state)):

@@ -303,3 +303,14 @@ def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
     assert "step 20: evaluation cut short by SIGINT" in out
     assert "Stopped by SIGINT at step 20; checkpoint saved" in out
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--distributed"], "cannot join the multi-process run|elsewhere pass --coordinator_address"),
+    (["--coordinator_address", "localhost:1", "--num_processes", "2", "--process_id", "2"], "process_id < num_processes"),
+    (["--num_processes", "two"], "--num_processes"),
+])
+def test_bad_multi_process_flags(args, words, tmp_path, small_text_path):
+    result = run("train.py", *TINY, "--workdir", str(tmp_path), "--data", small_text_path, *args,
+                 env={"JAX_PLATFORMS": "cpu"})
+    assert_one_line_error(result, *words.split("|"))

@@ -27,6 +27,8 @@ def test_seed_recipe():
     ("dtype", "float16", "dtype must be one of"),
     ("attn_scale", "sqrt", "attn_scale must be one of"),
     ("cpu_dots", "mkl", "cpu_dots must be one of"),
+    ("param_sharding", "zero3", "param_sharding must be one of"),
+    ("device_data_budget", -1, "device_data_budget must be a non-negative integer"),
 ])
 def test_bad_values_name_the_key(key, value, words):
     c = tiny.get_config()

@@ -4,9 +4,13 @@ import threading
 import jax
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from orpheus_jax import OrpheusError, data
+from orpheus_jax.metrics import read_jsonl
+from orpheus_jax.sharding import make_mesh
 from orpheus_jax.tokenizer import CharTokenizer
+from orpheus_jax.train import train
 
 FAKE_GUTENBERG = (
     "\ufeffThe Project Gutenberg eBook of The Iliad\r\n"
@@ -119,3 +123,59 @@ def test_sample_batch_draws_seeded_windows():
     x3, _ = data.sample_batch(jax.numpy.asarray(tokens), jax.random.key(1), 16, 10)
     np.testing.assert_array_equal(x, x2)
     assert not np.array_equal(x, x3)
+
+
+# --- splits beyond the device budget: windows cut on the host -------------------------------------
+
+def test_a_split_within_the_budget_is_on_every_device_in_its_own_type(tmp_path):
+    np.arange(3000, dtype=np.uint16).tofile(tmp_path / "tokens.uint16")
+    tokens = np.memmap(tmp_path / "tokens.uint16", np.uint16, mode="r")[1000:]
+    mesh = make_mesh()
+    placed = data.place(tokens, mesh, budget_bytes=tokens.nbytes, batch_size=8, block_size=16)
+    assert placed.dtype == np.uint16 and placed.sharding.is_fully_replicated and len(placed.devices()) == 8
+    np.testing.assert_array_equal(np.asarray(placed), np.arange(1000, 3000))
+    assert isinstance(data.place(tokens, mesh, tokens.nbytes - 1, 8, 16), data.HostSplit)
+
+
+@pytest.mark.parametrize("grad_accum_steps, prng_impl", [(1, "threefry2x32"), (2, "threefry2x32"), (2, "rbg")])
+def test_host_windows_equal_the_device_windows(grad_accum_steps, prng_impl, monkeypatch, tmp_path):
+    """Steps 3..10 drawn in blocks of 4 steps on the host; each step's windows on the device as the step cuts them."""
+    monkeypatch.setattr(data.HostSplit, "DRAW_STEPS", 4)
+    everything = np.random.default_rng(0).integers(0, 66, 6000).astype(np.uint8)
+    everything.tofile(tmp_path / "tokens.uint8")
+    tokens = np.memmap(tmp_path / "tokens.uint8", np.uint8, mode="r")[1000:]  # a split: an offset into the file
+    mesh = make_mesh()
+    host = data.HostSplit(tokens, mesh, batch_size=8, block_size=16)
+    key = jax.random.key(7, impl=prng_impl)
+    on_device = data.to_device(tokens, mesh)
+    cut = jax.jit(lambda k: data.sample_windows(on_device, k, 8, 16))
+    for first, n in ((3, 2), (5, 3), (8, 3)):  # the last call crosses into a new block
+        windows = host.train_windows(key, first, n, grad_accum_steps)
+        assert windows.shape == (n, grad_accum_steps, 8, 17) and windows.dtype == np.uint8
+        assert windows.sharding.spec == P(None, None, "data")  # rows split over the devices, like the device batch
+        for i in range(n):
+            batch_keys_G, _ = data.step_keys(key, first + i, grad_accum_steps)
+            for g in range(grad_accum_steps):
+                np.testing.assert_array_equal(np.asarray(windows[i, g]), np.asarray(cut(batch_keys_G[g])))
+    eval_keys = jax.random.split(jax.random.key(3, impl=prng_impl), 5)
+    eval_windows = np.asarray(host.eval_windows(eval_keys))
+    for c in range(5):
+        np.testing.assert_array_equal(eval_windows[c], np.asarray(cut(eval_keys[c])))
+    for window in eval_windows.reshape(-1, 17):  # windows are runs of the split (a NumPy search)
+        assert tokens.tobytes().find(window.tobytes()) >= 0
+
+
+def test_training_from_the_host_equals_training_on_the_device(tiny_cfg, small_text_path, tmp_path):
+    """device_data_budget 0: both splits batched on the host; the same run, number for number."""
+    tiny_cfg.update(max_iters=4, steps_per_call=2, grad_accum_steps=2, log_interval=2, eval_interval=4,
+                    checkpoint_interval=4)
+    on_device = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "device"), small_text_path)
+    tiny_cfg.device_data_budget = 0
+    on_host = train(tiny_cfg, str(tmp_path / "host"), small_text_path)
+    device_log, host_log = (read_jsonl(str(tmp_path / name / "metrics.jsonl")) for name in ("device", "host"))
+    assert [r.keys() for r in host_log] == [r.keys() for r in device_log] and len(host_log) == 4
+    for host_record, device_record in zip(host_log, device_log):
+        for key in ("loss", "train_loss", "val_loss"):
+            if key in device_record:
+                assert host_record[key] == pytest.approx(device_record[key], abs=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), on_host.params, on_device.params)
