@@ -66,13 +66,13 @@ def bench_steady_state(cfg, tokens, vocab_size: int, n_steps: int, warmup_calls:
     n_params = count_params(state.params)
 
     t0 = time.perf_counter()
-    train_step = make_train_step(cfg, model_cfg, optimizer, mesh).lower(state, train_data).compile()
+    train_step = make_train_step(cfg, model_cfg, optimizer, mesh).lower(state, train_data, cfg.steps_per_call).compile()
     compile_s = time.perf_counter() - t0
 
     def call():
         nonlocal state  # the step donates the state: keep only the newest
-        state, losses = train_step(state, train_data)
-        losses.block_until_ready()
+        state, metrics = train_step(state, train_data)
+        jax.block_until_ready(metrics)
 
     calls = max(1, -(-n_steps // cfg.steps_per_call))  # whole calls covering n_steps optimizer steps
     times = _common.time_calls(call, calls, warmup=warmup_calls)
