@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from orpheus_jax.model import GPTConfig, empty_cache, forward_cached
+from orpheus_jax.model import GPTConfig, dense_input_axes, empty_cache, forward_cached
 from orpheus_jax.sharding import batch_sharded, make_mesh, replicated
 
 
@@ -27,6 +27,38 @@ class DecodeState:
     logits_BV: jax.Array  # logits for the next token
     row_keys: jax.Array  # (B, key) raw key data
     drawn: jax.Array  # int32: tokens sampled so far (the fold_in index)
+
+
+WEIGHTS = ("float32", "bfloat16", "int8")
+
+
+def quantize_int8(kernel, n_in: int):
+    """(int8 values, float32 scale per output): symmetric, the scale the largest |weight| over the
+    kernel's n_in input axes / 127, so kernel ~= values * scale."""
+    scale = jnp.max(jnp.abs(kernel), axis=tuple(range(n_in))) / 127
+    scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero output channel
+    return jnp.round(kernel / scale).astype(jnp.int8), scale.astype(jnp.float32)
+
+
+def cast_weights(params, weights: str):
+    """The Dense kernels in the `weights` type for decoding ("float32": unchanged; "bfloat16"; "int8",
+    each kernel beside its "kernel_scale"). Embeddings, LayerNorm and biases stay float32: they are 1% of
+    the seed model's bytes, and the embeddings are looked up, not multiplied."""
+    def cast(tree, names):
+        out = {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out[name] = cast(value, names + (name,))
+            elif name != "kernel":
+                out[name] = value
+            elif weights == "bfloat16":
+                out[name] = value.astype(jnp.bfloat16)
+            else:
+                out[name], out["kernel_scale"] = quantize_int8(value, dense_input_axes(names + (name,)))
+        return out
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    return params if weights == "float32" else cast(params, ())
 
 
 def filter_logits(logits_BV, top_k, top_p):
@@ -47,7 +79,8 @@ def filter_logits(logits_BV, top_k, top_p):
 def sample_tokens(logits_BV, keys_B, temperature, top_k, top_p):
     """One token per row: argmax when temperature == 0, else a draw from the filtered distribution."""
     scaled_BV = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
-    filtered_BV = filter_logits(scaled_BV, top_k, top_p)
+    # The filter sorts every row: skip it when it would keep everything (the default).
+    filtered_BV = lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda l, *_: l, scaled_BV, top_k, top_p)
     drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
     return jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
 
@@ -56,7 +89,7 @@ class Sampler:
     """Compiled prefill and decode for one model, batch size and chunk length."""
 
     def __init__(self, model_cfg: GPTConfig, params, *, batch_size: int, chunk: int = 64, shift: int | None = None,
-                 prng_impl: str = "threefry2x32", mesh=None):
+                 prng_impl: str = "threefry2x32", weights: str = "float32", mesh=None):
         self.model_cfg, self.batch_size, self.chunk, self.prng_impl = model_cfg, batch_size, chunk, prng_impl
         self.shift = shift or max(1, model_cfg.block_size // 2)
         if not 1 <= self.shift < model_cfg.block_size:
@@ -65,7 +98,7 @@ class Sampler:
         self._rep = replicated(mesh)
         # Split the batch over devices when it divides evenly; otherwise every device decodes all rows.
         self._rows = batch_sharded(mesh) if batch_size % mesh.devices.size == 0 else self._rep
-        self.params = jax.device_put(params, self._rep)
+        self.params = jax.device_put(cast_weights(params, weights), self._rep)
         self._prefill = jax.jit(self._prefill_fn)
         self._refill = jax.jit(self._refill_fn, donate_argnums=1)
         self._decode = jax.jit(self._decode_fn, donate_argnums=1)
