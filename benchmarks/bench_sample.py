@@ -24,7 +24,7 @@ from jax import lax
 
 from configs import iliad_char
 from orpheus_jax.model import GPTConfig, count_params, forward, init_params
-from orpheus_jax.sampler import WEIGHTS, Sampler, cast_weights, row_keys
+from orpheus_jax.sampler import WEIGHTS, Sampler, cast_weights
 
 
 def bandwidth(reps: int, mib: int) -> dict:
@@ -140,25 +140,23 @@ def main():
     samplers = {}
     for batch, w in ((batch, w) for batch in batches for w in weight_types):
         sampler = Sampler(model_cfg, params, batch_size=batch, chunk=args.chunk, shift=args.shift, weights=w)
-        keys = row_keys(0, range(batch))
-        samplers[batch, w] = sampler, keys
-        list(sampler.generate([newline], model_cfg.block_size + 1, keys))  # compiles prefill, decode and refill
+        samplers[batch, w] = sampler
+        list(sampler.generate([newline], model_cfg.block_size + 1))  # compiles prefill, decode and refill
     times = {(batch, w, new): [] for (batch, w) in samplers for new in new_list}
     for _ in range(args.reps):
-        for (batch, w), (sampler, keys) in samplers.items():
+        for (batch, w), sampler in samplers.items():
             for new in new_list:
-                times[batch, w, new] += _common.time_calls(lambda: list(sampler.generate([newline], new, keys)), 1,
-                                                           warmup=0)
+                times[batch, w, new] += _common.time_calls(lambda: list(sampler.generate([newline], new)), 1, warmup=0)
     for (batch, w, new), samples in times.items():
         add_speed("cached", batch, new, samples, w)
 
-    for (batch, w), (sampler, keys) in samplers.items():
+    for (batch, w), sampler in samplers.items():
         # One decode step with `pos` tokens already in the buffer; decode returns host numpy, so it syncs.
         for pos in _common.parse_list(args.positions):
             prompt = tokens[:pos]
             step_times = []
             for _ in range(args.latency_reps + 1):  # the first is a warm-up
-                state, _ = jax.block_until_ready(sampler.start(prompt, keys))  # decode donates the state: prefill anew
+                state, _ = jax.block_until_ready(sampler.start(prompt))  # decode donates the state: prefill anew
                 t0 = time.perf_counter()
                 sampler.decode(state, 1)
                 step_times.append(time.perf_counter() - t0)

@@ -8,7 +8,7 @@ import pytest
 
 from numpy_reference import numpy_forward
 from orpheus_jax.model import GPTConfig, empty_cache, forward, forward_cached, init_params
-from orpheus_jax.sampler import Sampler, cast_weights, filter_logits, quantize_int8, row_keys, sample_tokens
+from orpheus_jax.sampler import Sampler, cast_weights, filter_logits, quantize_int8, sample_tokens
 
 CFG = GPTConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
 BLOCKED = dataclasses.replace(CFG, kv_block=4)  # cached attention in 4 blocks of the 16-position buffer
@@ -57,7 +57,7 @@ def naive_greedy(params, prompt, n_new, cfg=CFG):
 
 
 def cached_tokens(sampler, prompt, n_new, seed=0, rows=(0,), **settings):
-    chunks = list(sampler.generate(np.asarray(prompt), n_new, row_keys(seed, rows), **settings))
+    chunks = list(sampler.generate(np.asarray(prompt), n_new, seed, rows, **settings))
     return np.concatenate(chunks, axis=1)
 
 
@@ -123,10 +123,16 @@ def test_seeds_and_rows(params):
         np.testing.assert_array_equal(a[r], cached_tokens(one, [1, 2, 3], 30, seed=0, rows=[r])[0])
 
 
-def test_one_compilation_serves_every_prompt_length(params):
+def count_compiles():
     compiles = []
     listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
     jax.monitoring.register_event_duration_secs_listener(listener)
+    return compiles, lambda: jax.monitoring.unregister_event_duration_listener(listener)
+
+
+
+def test_one_compilation_serves_every_prompt_length(params):
+    compiles, stop = count_compiles()
     try:
         sampler = Sampler(CFG, params, batch_size=2, chunk=8)
         cached_tokens(sampler, [1], 20, rows=[0, 1])
@@ -135,7 +141,7 @@ def test_one_compilation_serves_every_prompt_length(params):
             cached_tokens(sampler, list(range(prompt_len)), 12, rows=[0, 1], temperature=0.5, top_k=3, top_p=0.9)
         assert after_first > 0 and len(compiles) == after_first
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        stop()
 
 
 def dequantized(params):
@@ -199,3 +205,19 @@ def test_low_precision_logits_match_numpy_reference(params, weights):
     float32 = numpy_forward(CFG, params, tokens)
     assert np.abs(got - float32).mean() < {"bfloat16": 0.05, "int8": 0.15}[weights]
     assert (got.argmax(-1) == float32.argmax(-1)).mean() > 0.9
+
+
+def test_a_kept_sampler_loads_without_compiling_and_decodes_the_same(params, tmp_path):
+    keep = (str(tmp_path / "programs"), str(tmp_path / "params.npz"))
+    (tmp_path / "programs").mkdir()
+    built = Sampler(BLOCKED, params, batch_size=2, chunk=8, shift=4, weights="int8", keep_in=keep)
+    expected = cached_tokens(built, [1, 2, 3], 30, seed=5, rows=[3, 4])  # 30 tokens: refills too
+    compiles, stop = count_compiles()
+    try:
+        loaded = Sampler.load(*keep)
+        np.testing.assert_array_equal(cached_tokens(loaded, [1, 2, 3], 30, seed=5, rows=[3, 4]), expected)
+    finally:
+        stop()
+    assert compiles == [] and loaded.model_cfg is None  # nothing traced or compiled: no model code ran
+    (tmp_path / "programs" / "decode.pickle").write_bytes(b"not a program")
+    assert Sampler.load(*keep) is None  # a damaged entry is built again, not used
