@@ -27,6 +27,8 @@ def test_seed_recipe():
     ("dtype", "float16", "dtype must be one of"),
     ("attn_scale", "sqrt", "attn_scale must be one of"),
     ("cpu_dots", "mkl", "cpu_dots must be one of"),
+    ("optimizer", "sgd", "optimizer must be one of"),
+    ("muon_learning_rate", 0.0, "muon_learning_rate must be positive"),
 ])
 def test_bad_values_name_the_key(key, value, words):
     c = tiny.get_config()
