@@ -8,6 +8,7 @@
 Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
 """
 import dataclasses
+import os
 import sys
 
 from orpheus_jax import OrpheusError
@@ -38,6 +39,10 @@ def parse_args(argv):
     p.add_argument("--stream", action="store_true", help="print characters as they are produced")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="compute dtype (default: the run's)")
+    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default="float32",
+                   help="the matrices' type for decoding: bfloat16 halves, int8 (a scale per output, the "
+                        "activations quantized per row) quarters the bytes read per character")
+
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0:
         raise OrpheusError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
@@ -81,32 +86,34 @@ def main(argv) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise OrpheusError(f"cannot read --prompt_file: {e}") from None
 
-    # After argument checks: bad flags answer at once.
+    # After argument checks: bad flags answer at once. Neither Flax nor Orbax is imported unless the
+    # sampler must be built (a first run with these settings): see Sampler.from_run.
+    from orpheus_jax import checkpoint, config as config_lib
     from orpheus_jax.cache import enable_compilation_cache
-    from orpheus_jax.checkpoint import load_run
-    from orpheus_jax.sampler import Sampler, row_keys
+    from orpheus_jax.sampler import Sampler
+    from orpheus_jax.tokenizer import CharTokenizer
 
     enable_compilation_cache()
-    run = load_run(args.workdir, args.step)
-    cfg, tokenizer, params, model_cfg = run.cfg, run.tokenizer, run.params, run.model_cfg
+    step = checkpoint.find_step(args.workdir, args.step)
+    cfg = config_lib.load(checkpoint.config_path(args.workdir))
+    tokenizer = CharTokenizer.load(checkpoint.tokenizer_path(args.workdir))
     prompt = args.prompt or "\n"
     prompt_ids = tokenizer.encode(prompt)  # unknown characters: a one-line error naming them
-    if args.dtype:
-        model_cfg = dataclasses.replace(model_cfg, dtype=args.dtype)
-    if args.shift is not None and not 1 <= args.shift < model_cfg.block_size:
-        raise OrpheusError(f"--shift must be in [1, {model_cfg.block_size - 1}] (block_size - 1), got {args.shift}")
+    if args.shift is not None and not 1 <= args.shift < cfg.block_size:
+        raise OrpheusError(f"--shift must be in [1, {cfg.block_size - 1}] (block_size - 1), got {args.shift}")
 
     # Streaming shows one sample at a time (batch 1, the row's own key: the same text as batched).
     batches = [[r] for r in range(args.num_samples)] if args.stream else [list(range(args.num_samples))]
-    sampler = Sampler(model_cfg, params, batch_size=len(batches[0]), shift=args.shift, prng_impl=cfg.prng_impl)
+    sampler = Sampler.from_run(args.workdir, step, batch_size=len(batches[0]), shift=args.shift,
+                               weights=args.weights, dtype=args.dtype)
     out = sys.stdout
     for b, rows in enumerate(batches):
         texts = ["" for _ in rows]
         done = [False for _ in rows]
         if args.stream:
             out.write(prompt)
-        for tokens_Bn in sampler.generate(prompt_ids, args.max_new_tokens, row_keys(args.seed, rows, cfg.prng_impl),
-                                          args.temperature, args.top_k, args.top_p):
+        for tokens_Bn in sampler.generate(prompt_ids, args.max_new_tokens, args.seed, rows, args.temperature,
+                                          args.top_k, args.top_p):
             for i, ids in enumerate(tokens_Bn):
                 if done[i]:
                     continue

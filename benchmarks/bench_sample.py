@@ -24,7 +24,7 @@ from jax import lax
 
 from configs import iliad_char
 from orpheus_jax.model import GPTConfig, count_params, forward, init_params
-from orpheus_jax.sampler import Sampler, row_keys
+from orpheus_jax.sampler import WEIGHTS, Sampler, cast_weights
 
 
 def bandwidth(reps: int, mib: int) -> dict:
@@ -84,6 +84,8 @@ def main():
     ap.add_argument("--batch", default="1,16", help="batch sizes (rows), comma-separated")
     ap.add_argument("--reps", type=int, default=3, help="timed generations per setting")
     ap.add_argument("--chunk", type=int, default=128, help="Sampler chunk: tokens per decode call")
+    ap.add_argument("--weights", default="float32", help=f"weight types of the cached sampler, comma-separated: "
+                    f"{', '.join(WEIGHTS)}")
     ap.add_argument("--shift", type=int, default=None, help="Sampler shift (default: block_size // 2; 1 = the seed's crop)")
     ap.add_argument("--naive_new", default="500", help="new tokens for the naive sampler (its cost per token "
                     "is fixed, so longer runs only cost time)")
@@ -93,6 +95,10 @@ def main():
     ap.add_argument("--latency_reps", type=int, default=10, help="timed single steps per position")
     args = ap.parse_args()
     new_list, batches = _common.parse_list(args.new), _common.parse_list(args.batch)
+    weight_types = _common.parse_list(args.weights, str)
+    for w in weight_types:
+        if w not in WEIGHTS:
+            ap.error(f"unknown weights {w!r}; choose from {', '.join(WEIGHTS)}")
     naive_new, naive_batches = _common.parse_list(args.naive_new), _common.parse_list(args.naive_batch)
 
     tokenizer, tokens = _common.load_corpus()
@@ -113,40 +119,51 @@ def main():
     # the fastest, because the bound is a floor on time per token.
     read_bw, read_source = max((bw["jax_read"], "jax_read"), (bw["jax_copy"] / 2, "jax_copy / 2"),
                                (bw["numpy_copy"] / 2, "numpy_copy / 2"))
-    bound_s = param_bytes / read_bw
-    report.add("weight_bound_ms_per_token", bound_s * 1e3, "ms", dict(batch=1), param_bytes=param_bytes,
-               read_gb_per_s=read_bw / 1e9, note=f"float32 param bytes / read bandwidth ({read_source})")
+    bound_s = {}
+    for w in sorted(set(weight_types) | {"float32"}):
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cast_weights(params, w)))
+        bound_s[w] = nbytes / read_bw
+        report.add("weight_bound_ms_per_token", bound_s[w] * 1e3, "ms", dict(weights=w, batch=1), param_bytes=nbytes,
+                   read_gb_per_s=read_bw / 1e9, note=f"param bytes / read bandwidth ({read_source})")
 
-    def add_speed(sampler_name, batch, new, times):
-        labels = dict(sampler=sampler_name, batch=batch, new=new)
+    def add_speed(sampler_name, batch, new, times, weights="float32"):
+        labels = dict(sampler=sampler_name, weights=weights, batch=batch, new=new)
         report.add("tokens_per_s", median([batch * new / t for t in times]), "tok/s", labels,
                    [batch * new / t for t in times])
         ms = median(times) / new * 1e3
         report.add("ms_per_step", ms, "ms", labels, note="wall time / new tokens (one step serves the batch)")
         if batch == 1:
-            report.add("x_weight_bound", ms / 1e3 / bound_s, "", labels, note="ms_per_step / weight bound")
+            report.add("x_weight_bound", ms / 1e3 / bound_s[weights], "", labels, note="ms_per_step / weight bound")
 
-    for batch in batches:
-        sampler = Sampler(model_cfg, params, batch_size=batch, chunk=args.chunk, shift=args.shift)
-        keys = row_keys(0, range(batch))
-        generate = lambda n: [t for t in sampler.generate([newline], n, keys)]  # noqa: E731
-        generate(model_cfg.block_size + 1)  # compiles prefill, decode and refill
-        for new in new_list:
-            add_speed("cached", batch, new, _common.time_calls(lambda: generate(new), args.reps, warmup=0))
+    # Every (batch, weights) sampler is built and compiled first; the timed generations then take
+    # turns (one repetition of each setting per round), so a load that comes and goes hits all alike.
+    samplers = {}
+    for batch, w in ((batch, w) for batch in batches for w in weight_types):
+        sampler = Sampler(model_cfg, params, batch_size=batch, chunk=args.chunk, shift=args.shift, weights=w)
+        samplers[batch, w] = sampler
+        list(sampler.generate([newline], model_cfg.block_size + 1))  # compiles prefill, decode and refill
+    times = {(batch, w, new): [] for (batch, w) in samplers for new in new_list}
+    for _ in range(args.reps):
+        for (batch, w), sampler in samplers.items():
+            for new in new_list:
+                times[batch, w, new] += _common.time_calls(lambda: list(sampler.generate([newline], new)), 1, warmup=0)
+    for (batch, w, new), samples in times.items():
+        add_speed("cached", batch, new, samples, w)
 
+    for (batch, w), sampler in samplers.items():
         # One decode step with `pos` tokens already in the buffer; decode returns host numpy, so it syncs.
         for pos in _common.parse_list(args.positions):
             prompt = tokens[:pos]
-            times = []
+            step_times = []
             for _ in range(args.latency_reps + 1):  # the first is a warm-up
-                state, _ = jax.block_until_ready(sampler.start(prompt, keys))  # decode donates the state: prefill anew
+                state, _ = jax.block_until_ready(sampler.start(prompt))  # decode donates the state: prefill anew
                 t0 = time.perf_counter()
                 sampler.decode(state, 1)
-                times.append(time.perf_counter() - t0)
-            labels = dict(sampler="cached", batch=batch, position=pos)
-            report.add("step_latency_ms", median(times[1:]) * 1e3, "ms", labels, [t * 1e3 for t in times[1:]])
+                step_times.append(time.perf_counter() - t0)
+            labels = dict(sampler="cached", weights=w, batch=batch, position=pos)
+            report.add("step_latency_ms", median(step_times[1:]) * 1e3, "ms", labels, [t * 1e3 for t in step_times[1:]])
             if batch == 1:
-                report.add("x_weight_bound", median(times[1:]) / bound_s, "", labels,
+                report.add("x_weight_bound", median(step_times[1:]) / bound_s[w], "", labels,
                            note="step latency / weight bound")
 
     for batch in naive_batches:

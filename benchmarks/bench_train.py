@@ -69,7 +69,7 @@ def bench_steady_state(cfg, tokens, vocab_size: int, n_steps: int, warmup_calls:
     def call():
         nonlocal state  # the step donates the state: keep only the newest
         state, metrics = train_step(state, train_data)
-        metrics["loss"].block_until_ready()
+        jax.block_until_ready(metrics)
 
     calls = max(1, -(-n_steps // cfg.steps_per_call))  # whole calls covering n_steps optimizer steps
     times = _common.time_calls(call, calls, warmup=warmup_calls)

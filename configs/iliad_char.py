@@ -18,6 +18,9 @@ def get_config():
     c.dtype = "float32"  # compute dtype; "bfloat16" for TPU/GPU (parameters stay float32)
 
     # Optimization: AdamW, linear warmup then cosine decay to min_lr at max_iters.
+    c.optimizer = "adamw"  # or "muon": Muon for the blocks' matrices, AdamW (learning_rate) for the rest
+    c.muon_learning_rate = 0.02  # Muon's peak rate (same warmup and cosine; its floor scaled like min_lr)
+    c.muon_weight_decay = 0.0  # Muon's decoupled weight decay, multiplied by its learning rate
     c.batch_size = 64  # sequences per micro-batch, split across devices
     c.grad_accum_steps = 1  # micro-batches per optimizer step
     c.max_iters = 5000

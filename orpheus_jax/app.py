@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import jax  # noqa: E402
 
 from orpheus_jax import OrpheusError  # noqa: E402
-from orpheus_jax.sampler import Sampler, row_keys  # noqa: E402
+from orpheus_jax.sampler import Sampler  # noqa: E402
 from orpheus_jax.sharding import make_mesh  # noqa: E402
 
 TITLE = "OrpheusGPT"
@@ -35,12 +35,11 @@ class TextStreamer:
 
     def __init__(self, run, chunk: int = CHUNK):
         self.tokenizer = run.tokenizer
-        self.prng_impl = run.cfg.prng_impl
         mesh = make_mesh(jax.devices()[:1])  # batch 1: one device; replicating it would only repeat the work
-        self.sampler = Sampler(run.model_cfg, run.params, batch_size=1, chunk=chunk, prng_impl=self.prng_impl,
+        self.sampler = Sampler(run.model_cfg, run.params, batch_size=1, chunk=chunk, prng_impl=run.cfg.prng_impl,
                                mesh=mesh)
         # Compile prefill, refill and decode now: a full buffer refills before its first character.
-        for _ in self.sampler.generate([0] * run.model_cfg.block_size, 1, row_keys(0, [0], self.prng_impl)):
+        for _ in self.sampler.generate([0] * run.model_cfg.block_size, 1):
             pass
 
     def check(self, prompt, length, temperature, top_k, top_p):
@@ -66,8 +65,7 @@ class TextStreamer:
         seed = secrets.randbelow(2**31) if seed is None else seed
         text = prompt
         yield text
-        for tokens_Bn in self.sampler.generate(ids, length, row_keys(seed, [0], self.prng_impl),
-                                               temperature, top_k, top_p):
+        for tokens_Bn in self.sampler.generate(ids, length, seed, [0], temperature, top_k, top_p):
             text += self.tokenizer.decode(tokens_Bn[0])
             yield text
 

@@ -20,11 +20,15 @@ import socket
 import sys
 
 import jax
-import orbax.checkpoint as ocp
 
 from orpheus_jax import OrpheusError, config as config_lib
-from orpheus_jax.model import GPTConfig, init_params
 from orpheus_jax.tokenizer import CharTokenizer
+
+
+def _orbax():
+    # Imported on first use: a sampler started from the user cache reads no checkpoint (sampler.py).
+    import orbax.checkpoint as ocp
+    return ocp
 
 
 def config_path(workdir: str) -> str:
@@ -43,6 +47,43 @@ def plot_path(workdir: str) -> str:
     return os.path.join(workdir, "losses.png")
 
 
+def complete_steps(directory: str) -> list[int]:
+    """Steps whose save finished, read from disk: Orbax renames a save's tmp directory only then."""
+    try:
+        return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+    except OSError:
+        return []
+
+
+def find_step(workdir: str, step: int | None = None) -> int:
+    """The checkpoint step to use from a trained run (the latest when step is None), checked to exist."""
+    if not os.path.isdir(workdir):
+        raise OrpheusError(f"no such workdir: {workdir}")
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise OrpheusError(f"no checkpoints in {workdir}: train first with python train.py --workdir {workdir}")
+    steps = complete_steps(directory)
+    if not steps:
+        raise OrpheusError(f"no checkpoint in {workdir}: train first with python train.py --workdir {workdir}")
+    if step is not None and step not in steps:
+        raise OrpheusError(f"no checkpoint at step {step} in {directory} (have: {', '.join(map(str, steps))})")
+    return steps[-1] if step is None else step
+
+
+def fingerprint(workdir: str, step: int) -> str:
+    """What tells one run's checkpoint from any other: its path, config, vocabulary and every file's
+    size and modification time (a run trained anew in the same workdir changes them)."""
+    parts = [os.path.abspath(workdir), str(step)]
+    for path in (config_path(workdir), tokenizer_path(workdir)):
+        with open(path, "rb") as f:
+            parts.append(f.read().decode("utf-8", "replace"))
+    for root, dirs, files in sorted(os.walk(os.path.join(os.path.abspath(workdir), "checkpoints", str(step)))):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            parts.append(f"{os.path.relpath(os.path.join(root, name), workdir)} {st.st_size} {st.st_mtime_ns}")
+    return "\n".join(parts)
+
+
 class Checkpointer:
     """Async Orbax checkpoints of one run's train state."""
 
@@ -52,6 +93,7 @@ class Checkpointer:
             raise OrpheusError(f"no checkpoints in {workdir}: train first with python train.py --workdir {workdir}")
         # Only the training process (create=True, holding the workdir lock) may clear what a killed
         # save left behind: a reader doing it could delete a save in progress.
+        ocp = _orbax()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
                                                create=create, cleanup_tmp_directories=create)
         try:
@@ -71,11 +113,7 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def complete_steps(self) -> list[int]:
-        """Steps whose save finished, read from disk: Orbax renames a save's tmp directory only then."""
-        try:
-            return sorted(int(name) for name in os.listdir(self.directory) if name.isdigit())
-        except OSError:
-            return []
+        return complete_steps(self.directory)
 
     def intact(self) -> str:
         """Which checkpoint a user can resume from, for error messages."""
@@ -87,6 +125,7 @@ class Checkpointer:
         """Start an async save; it finishes in the background (see wait)."""
         if step in self._manager.all_steps():
             return  # already saved (e.g. a stop requested right after a periodic save)
+        ocp = _orbax()
         try:  # a failure of the previous async save surfaces here too
             self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
         except Exception as e:
@@ -111,6 +150,7 @@ class Checkpointer:
         if step not in self._manager.all_steps():
             raise OrpheusError(f"no checkpoint at step {step} in {self.directory} "
                                f"(have: {', '.join(map(str, self.all_steps())) or 'none'})")
+        ocp = _orbax()
         if partial:
             args = ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True,
                                           restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
@@ -184,7 +224,8 @@ class TrainedRun:
     step: int
 
     @property
-    def model_cfg(self) -> GPTConfig:
+    def model_cfg(self):
+        from orpheus_jax.model import GPTConfig
         return GPTConfig.from_run_config(self.cfg, self.tokenizer.vocab_size)
 
 
@@ -192,12 +233,9 @@ def load_run(workdir: str, step: int | None = None, sharding=None) -> TrainedRun
     """A trained run, from its workdir alone: config, tokenizer and parameters (no optimizer state).
 
     sharding: where the parameters go (default: replicated over all devices)."""
-    if not os.path.isdir(workdir):
-        raise OrpheusError(f"no such workdir: {workdir}")
+    from orpheus_jax.model import GPTConfig, init_params
+    step = find_step(workdir, step)
     ckpt = Checkpointer(workdir, create=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise OrpheusError(f"no checkpoint in {workdir}: train first with python train.py --workdir {workdir}")
     cfg = config_lib.load(config_path(workdir))
     tokenizer = CharTokenizer.load(tokenizer_path(workdir))
     model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)

@@ -16,6 +16,7 @@ PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 DROPOUT_RNGS = ("jax", "hash")
 CPU_DOTS = ("onednn", "xla")
 PARAM_SHARDINGS = ("replicated", "fsdp")
+OPTIMIZERS = ("adamw", "muon")
 
 # Keys that fix the shapes of the parameters: a checkpoint only fits a config that agrees on them.
 MODEL_SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pos_encoding")
@@ -25,7 +26,8 @@ REQUIRED_KEYS = (
     "n_layer", "n_head", "n_embd", "dropout", "seed", "min_lr", "warmup_iters", "weight_decay",
     "beta1", "beta2", "grad_clip", "grad_accum_steps", "pos_encoding", "attn_scale", "dtype",
     "prng_impl", "val_fraction", "checkpoint_interval", "keep_checkpoints", "log_interval",
-    "steps_per_call", "lr_decay_iters", "dropout_rng", "cpu_dots", "param_sharding", "device_data_budget",
+    "steps_per_call", "lr_decay_iters", "dropout_rng", "cpu_dots", "param_sharding", "device_data_budget", "optimizer",
+    "muon_learning_rate", "muon_weight_decay",
 )
 
 
@@ -49,6 +51,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
     check(cfg.learning_rate > 0, f"learning_rate must be positive, got {cfg.learning_rate}")
     check(0 <= cfg.min_lr <= cfg.learning_rate, f"min_lr must be in [0, learning_rate], got {cfg.min_lr}")
+    check(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+    check(cfg.muon_learning_rate > 0, f"muon_learning_rate must be positive, got {cfg.muon_learning_rate}")
+    check(cfg.muon_weight_decay >= 0, f"muon_weight_decay must be non-negative, got {cfg.muon_weight_decay}")
     check(cfg.weight_decay >= 0, f"weight_decay must be non-negative, got {cfg.weight_decay}")
     check(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
     check(cfg.grad_clip >= 0, f"grad_clip must be non-negative (0 turns clipping off), got {cfg.grad_clip}")

@@ -8,7 +8,6 @@ Shape suffixes: B batch, T query positions, S key positions, L buffer length (= 
 D n_embd, H heads, K head size, N = B*H (attention batch), F MLP width, V vocabulary.
 """
 import dataclasses
-import functools
 import math
 
 import flax.linen as nn
@@ -20,8 +19,6 @@ from jax import lax
 KVCache = tuple  # per layer: (key_NLK, value_NLK), N = B * H
 
 _init = nn.initializers.normal(stddev=0.02)  # the seed's init for linears and embeddings
-# bf16 inputs, float32 products and sums: for attention scores and logits, which softmax amplifies.
-_f32_dot = functools.partial(lax.dot_general, preferred_element_type=jnp.float32)
 # LayerNorm epsilon 1e-5 as in PyTorch, so the seed's weights give the seed's logits.
 
 
@@ -37,6 +34,7 @@ class GPTConfig:
     attn_scale: str = "head"  # scores * head_size**-0.5; "embd": * n_embd**-0.5, as the seed's code
     dtype: str = "float32"  # compute dtype; parameters stay float32
     dropout_rng: str = "jax"  # "hash": dropout bits from a counter hash, ~30x cheaper than JAX's PRNG on CPU
+    kv_block: int = 64  # cached attention reads the key/value buffer in blocks of this many positions
 
     @classmethod
     def from_run_config(cls, cfg, vocab_size: int) -> "GPTConfig":
@@ -90,43 +88,119 @@ class Dropout(nn.Module):
         return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
 
 
+def dense_input_axes(names) -> int:
+    """How many leading axes of a Dense kernel are its input axes, from the names on its params path
+    (e.g. ("block_0", "attn", "proj", "kernel")): 2 for the attention output projection, which takes
+    (heads, head size), else 1."""
+    return 2 if names[-2] == "proj" else 1
+
+
+def _quantize_rows(x, n_in: int):
+    """int8 values and float32 scales of x, symmetric, per row over its last n_in axes."""
+    axes = tuple(range(x.ndim - n_in, x.ndim))
+    scale = jnp.maximum(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=axes, keepdims=True), 1e-30) / 127
+    return jnp.round(x / scale).astype(jnp.int8), scale
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias), contracting x's last n_in axes with the kernel's first n_in (nn.DenseGeneral's
+    parameters and initialization).
+
+    For decoding the kernel may be stored in bfloat16, or in int8 with a float32 "kernel_scale" per output
+    (sampler.cast_weights); the product then runs in that type (int8: x quantized per row), so no float
+    copy of the kernel is made."""
+    features: tuple
+    n_in: int = 1
+    use_bias: bool = True
+    dtype: str = "float32"  # compute dtype of a float32 kernel
+    f32_out: bool = False  # products that feed sums and softmax: float32 even with bf16 inputs
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.n_in:]
+        # Drawn flat and reshaped, as DenseGeneral does, so initial weights are the same.
+        kernel = self.param("kernel", lambda key, shape: _init(key, (math.prod(in_shape), math.prod(self.features)))
+                            .reshape(shape), in_shape + self.features)
+        out_dtype = jnp.float32 if self.f32_out else jnp.dtype(self.dtype)
+        dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
+        rows = math.prod(x.shape[:x.ndim - self.n_in])
+        if kernel.dtype == jnp.float32:
+            y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims, preferred_element_type=out_dtype)
+        else:
+            # XLA:CPU turns a one-row product with a low-precision kernel into a float32 copy of the
+            # kernel and a float32 matvec; with two rows it calls its native bf16/int8 kernels.
+            x2 = jnp.concatenate([x, x]) if rows == 1 else x
+            if kernel.dtype == jnp.int8:
+                scale = self.param("kernel_scale", nn.initializers.ones, self.features)
+                x_q, x_scale = _quantize_rows(x2, self.n_in)
+                acc = lax.dot_general(x_q, kernel, dims, preferred_element_type=jnp.int32)
+                x_scale = x_scale.reshape(x_scale.shape[:x2.ndim - self.n_in] + (1,) * len(self.features))
+                y2 = (acc.astype(jnp.float32) * x_scale * scale).astype(out_dtype)
+            else:
+                y2 = lax.dot_general(x2.astype(kernel.dtype), kernel, dims, preferred_element_type=out_dtype)
+            y = y2[:1] if rows == 1 else y2
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, self.features).astype(self.dtype)
+        return y
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
 
     @nn.compact
     def __call__(self, x_BTD, pos_T, kv=None, *, deterministic: bool):
         c = self.config
-        dense_heads = lambda name: nn.DenseGeneral((c.n_head, c.head_size), use_bias=False, dtype=c.dtype,
-                                                   kernel_init=_init, name=name)
         B, T, H, K = x_BTD.shape[0], x_BTD.shape[1], c.n_head, c.head_size
         # Batch and heads merged, positions next (N = B*H): the layout of both attention matmuls. The
         # buffer is kept in it too, so its update feeds the matmul directly; any reshape in between
         # led XLA:CPU to fuse the update twice and copy every buffer at every decode step.
-        q_NTK, k_NTK, v_NTK = (dense_heads(name)(x_BTD).transpose(0, 2, 1, 3).reshape(B * H, T, K)
-                               for name in ("query", "key", "value"))
-
-        if kv is None:  # training / full forward: attend within the chunk
-            k_NSK, v_NSK, pos_S = k_NTK, v_NTK, pos_T
-        else:  # write this chunk into the buffer at its positions, attend over the whole buffer
-            at = (0, pos_T[0], 0)
-            k_NSK, v_NSK = (lax.dynamic_update_slice(buffer_NLK, new_NTK.astype(buffer_NLK.dtype), at)
-                            for buffer_NLK, new_NTK in zip(kv, (k_NTK, v_NTK)))
-            kv = (k_NSK, v_NSK)
-            pos_S = jnp.arange(k_NSK.shape[1])
-
+        q_NTK, k_NTK, v_NTK = (Dense((H, K), use_bias=False, dtype=c.dtype, name=name)(x_BTD)
+                               .transpose(0, 2, 1, 3).reshape(B * H, T, K) for name in ("query", "key", "value"))
         scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
-        scores_NTS = jnp.einsum("ntk,nsk->nts", q_NTK, k_NSK.astype(q_NTK.dtype),
-                                preferred_element_type=jnp.float32) * scale
-        # Causal by absolute position: buffer slots past the query (unwritten or stale) are masked too.
-        visible_TS = pos_S[None, :] <= pos_T[:, None]
-        scores_NTS = jnp.where(visible_TS, scores_NTS, jnp.finfo(jnp.float32).min)
-        weights_NTS = jax.nn.softmax(scores_NTS, axis=-1).astype(c.dtype)
-        weights_NTS = Dropout(c.dropout, c.dropout_rng)(weights_NTS, deterministic=deterministic)
-        out_NTK = jnp.einsum("nts,nsk->ntk", weights_NTS, v_NSK.astype(c.dtype))
+        start = (jnp.full((B * H, T), -jnp.inf), jnp.zeros((B * H, T)), jnp.zeros((B * H, T, K)))
+
+        if kv is None:  # training / full forward: the chunk's own keys, one block
+            dropout = Dropout(c.dropout, c.dropout_rng)
+            m_NT, l_NT, o_NTK = _attend_block(q_NTK, k_NTK, v_NTK, pos_T, pos_T, scale, c.dtype, start,
+                                              lambda p: dropout(p, deterministic=deterministic))
+        else:  # write this chunk into the buffer at its positions, attend to the filled blocks only
+            at = (0, pos_T[0], 0)
+            kv = tuple(lax.dynamic_update_slice(buffer_NLK, new_NTK.astype(buffer_NLK.dtype), at)
+                       for buffer_NLK, new_NTK in zip(kv, (k_NTK, v_NTK)))
+            m_NT, l_NT, o_NTK = _attend_filled(q_NTK, *kv, pos_T, scale, c.dtype, start, c.kv_block)
+        out_NTK = (o_NTK / l_NT[..., None]).astype(c.dtype)
         out_BTHK = out_NTK.reshape(B, H, T, K).transpose(0, 2, 1, 3)
-        y_BTD = nn.DenseGeneral(c.n_embd, axis=(-2, -1), dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init,
-                                name="proj")(out_BTHK)
+        y_BTD = Dense((c.n_embd,), n_in=2, dtype=c.dtype, f32_out=True, name="proj")(out_BTHK)
         return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic), kv
+
+
+def _attend_block(q_NTK, k_NSK, v_NSK, pos_T, pos_S, scale, dtype, carry, drop=lambda p: p):
+    """Fold one block of keys into a running softmax (flash attention's recurrence): carry = (max m_NT,
+    sum l_NT, unnormalized output o_NTK), all float32. Keys after a query's position are masked."""
+    m_NT, l_NT, o_NTK = carry
+    scores_NTS = jnp.einsum("ntk,nsk->nts", q_NTK, k_NSK.astype(q_NTK.dtype), preferred_element_type=jnp.float32) * scale
+    # Causal by absolute position: buffer slots past the query (unwritten or stale) are masked too.
+    scores_NTS = jnp.where(pos_S[None, :] <= pos_T[:, None], scores_NTS, -jnp.inf)
+    new_m_NT = jnp.maximum(m_NT, scores_NTS.max(axis=-1))  # finite: every block after the first has key 0's max
+    p_NTS = jnp.exp(scores_NTS - new_m_NT[..., None])
+    decay_NT = jnp.exp(m_NT - new_m_NT)
+    l_NT = l_NT * decay_NT + p_NTS.sum(axis=-1)
+    # Dropout on the unnormalized weights is dropout on the softmax: each row is divided by l_NT later.
+    pv_NTK = jnp.einsum("nts,nsk->ntk", drop(p_NTS.astype(dtype)), v_NSK.astype(dtype), preferred_element_type=jnp.float32)
+    return new_m_NT, l_NT, o_NTK * decay_NT[..., None] + pv_NTK
+
+
+def _attend_filled(q_NTK, k_NLK, v_NLK, pos_T, scale, dtype, carry, block: int):
+    """Attention over the buffer's blocks up to the last query's position: the rest is never read."""
+    L = k_NLK.shape[1]
+    block = block if L % block == 0 else L  # blocks must tile the buffer
+    n_blocks = (pos_T[-1] + block) // block
+
+    def one_block(j, carry):
+        first = j * block
+        k_NSK, v_NSK = (lax.dynamic_slice_in_dim(b_NLK, first, block, axis=1) for b_NLK in (k_NLK, v_NLK))
+        return _attend_block(q_NTK, k_NSK, v_NSK, pos_T, first + jnp.arange(block), scale, dtype, carry)
+    return lax.fori_loop(0, n_blocks, one_block, carry)
 
 
 class MLP(nn.Module):
@@ -135,9 +209,8 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD, *, deterministic: bool):
         c = self.config
-        h_BTF = nn.relu(nn.Dense(4 * c.n_embd, dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init,
-                                 name="fc")(x_BTD)).astype(c.dtype)
-        y_BTD = nn.Dense(c.n_embd, dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init, name="out")(h_BTF)
+        h_BTF = nn.relu(Dense((4 * c.n_embd,), dtype=c.dtype, f32_out=True, name="fc")(x_BTD)).astype(c.dtype)
+        y_BTD = Dense((c.n_embd,), dtype=c.dtype, f32_out=True, name="out")(h_BTF)
         return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic)
 
 
@@ -177,8 +250,7 @@ class GPT(nn.Module):
                                                     deterministic=deterministic)
             new_cache.append(kv)
         x_BTD = nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln_f")(x_BTD)
-        logits_BTV = nn.Dense(c.vocab_size, dtype=c.dtype, dot_general=_f32_dot, kernel_init=_init,
-                              name="lm_head")(x_BTD)
+        logits_BTV = Dense((c.vocab_size,), dtype=c.dtype, f32_out=True, name="lm_head")(x_BTD)
         return logits_BTV.astype(jnp.float32), None if cache is None else tuple(new_cache)
 
 

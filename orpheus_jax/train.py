@@ -23,7 +23,7 @@ from orpheus_jax import OrpheusError, WriteError, checkpoint, config as config_l
 from orpheus_jax import metrics as metrics_lib, token_cache
 from orpheus_jax.model import GPTConfig, forward, init_params
 from orpheus_jax.optim import lr_schedule, make_optimizer
-from orpheus_jax.sampler import Sampler, row_keys
+from orpheus_jax.sampler import Sampler
 from orpheus_jax.sharding import batch_sharded, check_batch_divisible, make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
 
@@ -348,7 +348,6 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
     eval_step = make_eval_step(cfg, model_cfg, mesh)
     sampler = Sampler(model_cfg, state.params, batch_size=1, prng_impl=cfg.prng_impl, mesh=mesh)
     sample_prompt = tokenizer.encode("\n" if "\n" in tokenizer.chars else tokenizer.chars[0])  # sample.py's default
-    sample_keys = row_keys(0, [0], cfg.prng_impl)  # sample.py's default seed
     print(f"Compiled the train step in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def train_call(state, n):
@@ -372,8 +371,8 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
             if losses[name] is None:
                 tqdm.write(f"step {at_step}: evaluation cut short by {stop.signal}")
                 return
-        sampler.params = state.params  # the sampler's compiled steps take the parameters as an argument
-        sample_ids = sampler.generate(sample_prompt, EVAL_SAMPLE_CHARS, sample_keys, EVAL_SAMPLE_TEMPERATURE)
+        sampler.use_params(state.params)  # the sampler's compiled steps take the parameters as an argument
+        sample_ids = sampler.generate(sample_prompt, EVAL_SAMPLE_CHARS, 0, [0], EVAL_SAMPLE_TEMPERATURE)  # sample.py's seed
         metrics.write(at_step, **losses, **({"lr": lr_of(at_step)} if at_step else {}))
         metrics.write_text(at_step, "sample", tokenizer.decode(np.concatenate(list(sample_ids), axis=1)))
         metrics.plot()

@@ -221,6 +221,19 @@ def test_sample_empty_prompt_starts_from_a_newline_and_stop_ends_it(trained):
     assert result.stdout.startswith("\n") and result.stdout.endswith(" \n") and result.stdout.count(" ") == 1
 
 
+def test_a_second_sample_loads_the_kept_sampler_without_flax_or_orbax(trained, tmp_path):
+    """The second run with the same settings takes its compiled programs and parameters from the user
+    cache (Sampler.from_run): it imports neither Flax nor Orbax, and prints the same text."""
+    args = ["--workdir", trained[0], "--prompt", "Sing", "--max_new_tokens", "40", "--weights", "int8"]
+    env = {**os.environ, "ORPHEUS_CACHE": str(tmp_path)}
+    first = run("sample.py", *args, env=env)
+    second = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "sample.py"), *args], cwd=REPO,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0 and second.returncode == 0 and second.stdout == first.stdout
+    imported = {line.split("|")[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")}
+    assert "jax" in imported and not {"flax", "orbax.checkpoint", "optax"} & imported
+
+
 def test_sample_from_an_earlier_step(trained):
     a = run("sample.py", "--workdir", trained[0], "--step", "10", "--max_new_tokens", "20", "--temperature", "0")
     b = run("sample.py", "--workdir", trained[0], "--step", "20", "--max_new_tokens", "20", "--temperature", "0")

@@ -29,6 +29,8 @@ def test_seed_recipe():
     ("cpu_dots", "mkl", "cpu_dots must be one of"),
     ("param_sharding", "zero3", "param_sharding must be one of"),
     ("device_data_budget", -1, "device_data_budget must be a non-negative integer"),
+    ("optimizer", "sgd", "optimizer must be one of"),
+    ("muon_learning_rate", 0.0, "muon_learning_rate must be positive"),
 ])
 def test_bad_values_name_the_key(key, value, words):
     c = tiny.get_config()

@@ -1,53 +1,12 @@
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numpy_reference import numpy_forward
 from orpheus_jax.model import GPTConfig, count_params, forward, init_params
 
 TINY = GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8, dropout=0.1)
-
-
-def numpy_forward(c: GPTConfig, p, tokens_BT):
-    """An independent NumPy reading of the seed's architecture (pre-LN, causal MHA, ReLU MLP x4)."""
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
-    B, T = tokens_BT.shape
-
-    def ln(x, q):
-        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
-        return (x - mu) / np.sqrt(var + 1e-5) * q["scale"] + q["bias"]
-
-    x = p["wte"]["embedding"][tokens_BT]
-    if c.pos_encoding == "learned":
-        x = x + p["wpe"]["embedding"][:T]
-    else:
-        pe = np.zeros((T, c.n_embd))
-        for pos in range(T):
-            for i in range(0, c.n_embd, 2):
-                pe[pos, i] = math.sin(pos / 10000 ** (i / c.n_embd))
-                pe[pos, i + 1] = math.cos(pos / 10000 ** (i / c.n_embd))
-        x = x + pe
-    scale = 1 / math.sqrt(c.head_size if c.attn_scale == "head" else c.n_embd)
-    for i in range(c.n_layer):
-        b = p[f"block_{i}"]
-        h = ln(x, b["ln1"])
-        heads = []
-        for hd in range(c.n_head):
-            q = h @ b["attn"]["query"]["kernel"][:, hd]
-            k = h @ b["attn"]["key"]["kernel"][:, hd]
-            v = h @ b["attn"]["value"]["kernel"][:, hd]
-            w = q @ k.transpose(0, 2, 1) * scale
-            w = np.where(np.tril(np.ones((T, T))) == 1, w, -np.inf)
-            w = np.exp(w - w.max(-1, keepdims=True))
-            heads.append((w / w.sum(-1, keepdims=True)) @ v)
-        proj = b["attn"]["proj"]
-        x = x + np.concatenate(heads, -1) @ proj["kernel"].reshape(c.n_embd, c.n_embd) + proj["bias"]
-        h = ln(x, b["ln2"])
-        m = b["mlp"]
-        x = x + np.maximum(h @ m["fc"]["kernel"] + m["fc"]["bias"], 0) @ m["out"]["kernel"] + m["out"]["bias"]
-    return ln(x, p["ln_f"]) @ p["lm_head"]["kernel"] + p["lm_head"]["bias"]
 
 
 def test_seed_config_has_the_seeds_parameter_count():
