@@ -26,7 +26,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not auto and all(v is None for v in given):
         return
     # Stopping is agreed by StopAgreement below; JAX's preemption service would take SIGTERM for itself.
-    jax.config.update("jax_enable_preemption_service", False)
+    # (jax < 0.8 has no such option and always starts it; train.py's own SIGTERM handler, installed
+    # later, takes the signal back.)
+    if "jax_enable_preemption_service" in jax.config.values:
+        jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(
             coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds,

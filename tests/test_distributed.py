@@ -206,7 +206,10 @@ def test_a_killed_process_ends_the_run(small_text_path, cache, tmp_path):
         run.kill()
     assert run.procs[0].returncode != 0
     assert took < HEARTBEAT_S + 30, took
-    assert "another task died" in run.output(0, 1)  # JAX's own message, naming the cause
+    # JAX's own message naming the cause; with jax 0.7.2 the next collective (a checkpoint's barrier,
+    # over gloo) often fails first: "cannot write checkpoint ...: ... Connection reset by peer".
+    output = run.output(0, 1)
+    assert "another task died" in output or "Connection reset by peer" in output, output
     restored = load_run(str(tmp_path / "run"))
     assert restored.step >= 4 and restored.step % 2 == 0
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.tree.map(np.asarray, restored.params)))
