@@ -7,7 +7,6 @@
 
 Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
 """
-import dataclasses
 import os
 import sys
 

@@ -9,6 +9,11 @@ class WriteError(OrpheusError):
     """A file of the run directory could not be written (full disk, permissions, read-only)."""
 
 
+def os_reason(e: OSError) -> str:
+    """The operating system's reason for a failed file operation, in lower case ("no space left on device")."""
+    return (e.strerror or str(e)).lower()
+
+
 def write_atomically(path: str, text: str) -> None:
     """Write via a temporary file and a rename, so a reader never sees half a file."""
     import os
@@ -18,4 +23,4 @@ def write_atomically(path: str, text: str) -> None:
             f.write(text)
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {(e.strerror or str(e)).lower()}") from None
+        raise WriteError(f"cannot write {path}: {os_reason(e)}") from None

@@ -21,7 +21,7 @@ import sys
 
 import jax
 
-from orpheus_jax import OrpheusError, config as config_lib
+from orpheus_jax import OrpheusError, config as config_lib, os_reason
 from orpheus_jax.tokenizer import CharTokenizer
 
 
@@ -191,21 +191,14 @@ def _ignore_closed_event_loop_callbacks() -> None:
     So from the first Checkpointer on, drop those (and only those); the caller reports one line."""
     if getattr(sys.unraisablehook, "_orpheus", False):
         return
+    previous = sys.unraisablehook
 
-    def closed_loop(exc) -> bool:
-        return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
-
-    def unraisable_hook(unraisable):
-        if not closed_loop(unraisable.exc_value):
-            previous_unraisable(unraisable)
-
-    def except_hook(exc_type, exc, tb):
-        if not closed_loop(exc):
-            previous_except(exc_type, exc, tb)
-    unraisable_hook._orpheus = True
-    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
+            previous(unraisable)
+    hook._orpheus = True
+    sys.unraisablehook = hook
 
 
 def abstract_like(tree, sharding):
@@ -262,7 +255,7 @@ class WorkdirLock:
             os.makedirs(workdir, exist_ok=True)
             self._file = open(self.path, "a+")
         except OSError as e:
-            raise OrpheusError(f"cannot use workdir {workdir}: {(e.strerror or str(e)).lower()}; "
+            raise OrpheusError(f"cannot use workdir {workdir}: {os_reason(e)}; "
                                "its checkpoints are untouched") from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -298,7 +291,7 @@ def _os_reason(e: Exception) -> str:
     if code:
         return os.strerror(int(code.group(1))).lower()
     if isinstance(e, OSError) and e.strerror:
-        return e.strerror.lower()
+        return os_reason(e)
     return _one_line(e)
 
 

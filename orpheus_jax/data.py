@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from orpheus_jax import OrpheusError
+from orpheus_jax import OrpheusError, os_reason
 from orpheus_jax.cache import user_cache_dir
 from orpheus_jax.sharding import batch_sharded, replicated
 
@@ -78,7 +78,7 @@ def open_text(path: str, binary: bool = False):
     except IsADirectoryError:
         raise OrpheusError(f"data path is a directory, not a text file: {path}") from None
     except OSError as e:
-        raise OrpheusError(f"cannot read data file {path}: {(e.strerror or str(e)).lower()}") from None
+        raise OrpheusError(f"cannot read data file {path}: {os_reason(e)}") from None
 
 
 def not_utf8(path: str, reason: str, at_byte: int) -> OrpheusError:

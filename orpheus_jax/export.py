@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from orpheus_jax import OrpheusError
+from orpheus_jax import OrpheusError, os_reason
 from orpheus_jax.model import GPTConfig, sinusoidal_positions
 
 OPSET = 17  # LayerNormalization
@@ -181,5 +181,5 @@ def export_run(run, onnx_path: str, decode: bool = False) -> list[str]:
         try:
             onnx.save(model, path)
         except OSError as e:
-            raise OrpheusError(f"cannot write {path}: {(e.strerror or str(e)).lower()}") from None
+            raise OrpheusError(f"cannot write {path}: {os_reason(e)}") from None
     return [path for path, _ in models]

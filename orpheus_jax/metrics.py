@@ -13,7 +13,7 @@ import os
 import re
 import time
 
-from orpheus_jax import WriteError, write_atomically
+from orpheus_jax import WriteError, os_reason, write_atomically
 
 TENSORBOARD_TAGS = {
     "loss": "train/loss",  # the loss of the last batch before a log point
@@ -97,7 +97,7 @@ class MetricsLog:
             self._events = _EventFile(tensorboard_dir, resume_step) if tensorboard_dir else None
         except OSError as e:
             raise WriteError(f"cannot write TensorBoard events in {tensorboard_dir}: "
-                             f"{(e.strerror or str(e)).lower()}") from None
+                             f"{os_reason(e)}") from None
 
     def write(self, step: int, **values) -> None:
         """One record; values that are None (e.g. an MFU without a known peak) are left out."""
@@ -110,7 +110,7 @@ class MetricsLog:
             if self._events:
                 self._events.write(step, values)
         except OSError as e:
-            raise WriteError(f"cannot write {e.filename or self.path}: {(e.strerror or str(e)).lower()}") from None
+            raise WriteError(f"cannot write {e.filename or self.path}: {os_reason(e)}") from None
 
     def write_text(self, step: int, name: str, text: str) -> None:
         """Text for TensorBoard's Text tab (nothing without a tensorboard_dir)."""
@@ -118,7 +118,7 @@ class MetricsLog:
             try:
                 self._events.write(step, {name: text})
             except OSError as e:
-                raise WriteError(f"cannot write {e.filename}: {(e.strerror or str(e)).lower()}") from None
+                raise WriteError(f"cannot write {e.filename}: {os_reason(e)}") from None
 
     def plot(self) -> None:
         """Redraw the loss plot (if it has a path) from everything metrics.jsonl holds."""
@@ -195,7 +195,7 @@ def plot_losses(runs: dict[str, list[dict]], path: str):
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
     except OSError as e:
-        raise WriteError(f"cannot write {path}: {(e.strerror or str(e)).lower()}") from None
+        raise WriteError(f"cannot write {path}: {os_reason(e)}") from None
     return fig
 
 

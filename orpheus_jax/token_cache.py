@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from orpheus_jax import OrpheusError
+from orpheus_jax import OrpheusError, os_reason
 from orpheus_jax.cache import user_cache_dir
 from orpheus_jax.data import empty_text, not_utf8, open_text
 from orpheus_jax.tokenizer import CharTokenizer
@@ -40,7 +40,7 @@ def load(path: str, tokenizer: CharTokenizer | None = None) -> tuple[CharTokeniz
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise OrpheusError(f"cannot create the token cache {directory}: {(e.strerror or str(e)).lower()}") from None
+        raise OrpheusError(f"cannot create the token cache {directory}: {os_reason(e)}") from None
     chars_path = os.path.join(directory, f"{digest}.chars.json")
     try:
         with open(chars_path) as f:
@@ -132,7 +132,7 @@ def _new_file(path: str):
             yield f
         os.replace(tmp, path)
     except OSError as e:
-        raise OrpheusError(f"cannot write the token cache {path}: {(e.strerror or str(e)).lower()}") from None
+        raise OrpheusError(f"cannot write the token cache {path}: {os_reason(e)}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
