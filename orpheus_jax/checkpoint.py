@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import sys
+import traceback
 
 import jax
 
@@ -104,7 +105,7 @@ class Checkpointer:
         self._saving = None  # the step of the save in flight, if any
         # A failed async save also logs its traceback from Orbax's thread; save/wait report it in one sentence.
         logging.getLogger("absl").addFilter(_drop_orbax_errors)
-        _ignore_closed_event_loop_callbacks()
+        _silence_orbax_background_failures()
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -184,11 +185,12 @@ def _quiet_stderr():
         quiet.close()
 
 
-def _ignore_closed_event_loop_callbacks() -> None:
-    """After a failed save or restore, tensorstore's remaining writes and reads keep completing in the
-    background, each calling back into Orbax's event loop, closed by then: Python reports every one as an
-    unraisable RuntimeError with a bare traceback, possibly before the main thread learns of the failure.
-    So from the first Checkpointer on, drop those (and only those); the caller reports one line."""
+def _silence_orbax_background_failures() -> None:
+    """After a failed save or restore, Orbax's other writes and reads keep failing in the background,
+    possibly before the main thread learns of the failure: tensorstore's callbacks into Orbax's closed
+    event loop surface as unraisable RuntimeErrors, and its failed write tasks, garbage-collected, as
+    asyncio's "Task exception was never retrieved". Each prints a bare traceback. So from the first
+    Checkpointer on, drop those (and only those); the caller reports one line."""
     if getattr(sys.unraisablehook, "_orpheus", False):
         return
     previous = sys.unraisablehook
@@ -199,6 +201,18 @@ def _ignore_closed_event_loop_callbacks() -> None:
             previous(unraisable)
     hook._orpheus = True
     sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
+
+
+def _drop_orbax_task_errors(record: logging.LogRecord) -> bool:
+    """asyncio names a task's coroutine, with its file, in the message; a bare future's failure shows
+    where it came from only in its traceback."""
+    if record.levelno < logging.ERROR:
+        return True
+    orbax = f"{os.sep}orbax{os.sep}"
+    tb = record.exc_info[2] if record.exc_info else None
+    files = [frame.filename for frame in traceback.extract_tb(tb)] if tb else []
+    return not (orbax in record.getMessage() or any(orbax in f for f in files))
 
 
 def abstract_like(tree, sharding):

@@ -1,5 +1,6 @@
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 
@@ -9,6 +10,7 @@ import pytest
 
 from orpheus_jax import OrpheusError
 from orpheus_jax.checkpoint import WorkdirLock, load_run
+from script_runner import REPO
 from orpheus_jax.train import train
 
 
@@ -43,6 +45,49 @@ def test_a_failed_restore_leaves_stderr_working(run_dir, tmp_path):
         warnings.simplefilter("always")
         warnings.warn("still heard")
     assert [str(w.message) for w in caught] == ["still heard"]
+
+
+# What a failed async save leaves behind: a write task and a future, failed in a module at argv[1], whose
+# failures nobody retrieves, and a callback into Orbax's event loop after it closed.
+_BACKGROUND_FAILURE = """
+import asyncio, gc, sys
+from orpheus_jax.checkpoint import Checkpointer
+Checkpointer(sys.argv[2]).close()
+namespace = {}
+exec(compile("def fail():\\n    raise OSError(28, 'No space left on device')\\n"
+             "async def write():\\n    fail()\\n", sys.argv[1], "exec"), namespace)
+loop = asyncio.new_event_loop()
+task = loop.create_task(namespace["write"]())
+loop.run_until_complete(asyncio.sleep(0))
+future = loop.create_future()
+try:
+    namespace["fail"]()
+except OSError as e:
+    future.set_exception(e)
+loop.close()
+class LateCallback:
+    def __del__(self):
+        loop.call_soon_threadsafe(print)
+LateCallback()
+del task, future
+gc.collect()
+class OtherFailure:
+    def __del__(self):
+        raise ValueError("not ours to hide")
+OtherFailure()
+"""
+
+
+@pytest.mark.parametrize("package", ["orbax", "other"])
+def test_orbax_failures_left_in_the_background_print_nothing_else(package, tmp_path):
+    module = os.path.join(os.sep, "venv", package, "checkpoint", "serialization.py")
+    result = subprocess.run([sys.executable, "-c", _BACKGROUND_FAILURE, module, str(tmp_path)],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Event loop is closed" not in result.stderr
+    assert ("Task exception was never retrieved" in result.stderr) == (package == "other")
+    assert ("Future exception was never retrieved" in result.stderr) == (package == "other")
+    assert "ValueError: not ours to hide" in result.stderr
 
 
 def test_one_run_holds_a_workdir_at_a_time(tmp_path):
