@@ -2,7 +2,7 @@
 
 Parameters are a plain pytree and every entry point is a pure function of them. Attention takes an
 optional explicit key/value buffer and the absolute position of its first query, so the sampler
-prefills a whole prompt in one pass and decodes token by token with the same blocks.
+prefills a prompt block by block and decodes token by token with the same blocks.
 
 Shape suffixes: B batch, T query positions, S key positions, L buffer length (= block_size),
 D n_embd, H heads, K head size, N = B*H (attention batch), F MLP width, V vocabulary.
@@ -163,7 +163,7 @@ class CausalSelfAttention(nn.Module):
             dropout = Dropout(c.dropout, c.dropout_rng)
             m_NT, l_NT, o_NTK = _attend_block(q_NTK, k_NTK, v_NTK, pos_T, pos_T, scale, c.dtype, start,
                                               lambda p: dropout(p, deterministic=deterministic))
-        else:  # write this chunk into the buffer at its positions, attend to the filled blocks only
+        else:  # write this chunk into the buffer at its positions, attend to the filled blocks
             at = (0, pos_T[0], 0)
             kv = tuple(lax.dynamic_update_slice(buffer_NLK, new_NTK.astype(buffer_NLK.dtype), at)
                        for buffer_NLK, new_NTK in zip(kv, (k_NTK, v_NTK)))
@@ -191,9 +191,15 @@ def _attend_block(q_NTK, k_NSK, v_NSK, pos_T, pos_S, scale, dtype, carry, drop=l
 
 
 def _attend_filled(q_NTK, k_NLK, v_NLK, pos_T, scale, dtype, carry, block: int):
-    """Attention over the buffer's blocks up to the last query's position: the rest is never read."""
+    """Attention over the buffer's blocks up to the last query's position: the rest is never read.
+
+    Except for a single query (a decode step): XLA copies each block it slices out of the buffer
+    before the product, which for one query costs more than the product itself, so it reads the
+    whole buffer in one product (measured on CPU: 7.4 ms a batch-16 step against 11.5 ms for the
+    block loop at positions past 128)."""
     L = k_NLK.shape[1]
-    block = block if L % block == 0 else L  # blocks must tile the buffer
+    if q_NTK.shape[1] == 1 or L % block:  # blocks must tile the buffer
+        return _attend_block(q_NTK, k_NLK, v_NLK, pos_T, jnp.arange(L), scale, dtype, carry)
     n_blocks = (pos_T[-1] + block) // block
 
     def one_block(j, carry):

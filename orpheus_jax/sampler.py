@@ -1,4 +1,4 @@
-"""Cached sampling: a fixed-size key/value buffer per layer, a one-pass prefill, a compiled decode loop.
+"""Cached sampling: a fixed-size key/value buffer per layer, a blockwise prefill, a compiled decode loop.
 
 The buffer holds block_size positions. Learned absolute positions rule out a rolling buffer, so when
 it is full the sampler keeps the last block_size - shift tokens and prefills them again: shift=1 is
@@ -217,12 +217,8 @@ class Sampler:
             jax.config.update("jax_enable_compilation_cache", previous)
 
     def _prefill_fn(self, params, window_BL, length, seed, rows_B):
-        from orpheus_jax.model import empty_cache, forward_cached
-        cache = empty_cache(self.model_cfg, window_BL.shape[0])
-        # The whole buffer in one pass; positions past `length` hold padding that is never attended
-        # to (queries only see keys at or before their own position) and is overwritten later.
-        logits_BLV, cache = forward_cached(self.model_cfg, params, window_BL, cache, 0)
-        logits_BV = lax.dynamic_index_in_dim(logits_BLV, length - 1, axis=1, keepdims=False)
+        from orpheus_jax.model import empty_cache
+        cache, logits_BV = self._fill(params, window_BL, length, empty_cache(self.model_cfg, window_BL.shape[0]))
         base = jax.random.key(seed, impl=self.prng_impl)
         row_keys = jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(base, r)))(rows_B)
         return DecodeState(cache=cache, window_BL=window_BL, length=length, logits_BV=logits_BV,
@@ -230,10 +226,32 @@ class Sampler:
 
     def _refill_fn(self, params, state: DecodeState) -> DecodeState:
         """The buffer is full: keep its last block_size - shift tokens, prefilled again from position 0."""
-        from orpheus_jax.model import forward_cached
         window_BL = jnp.roll(state.window_BL, -self.shift, axis=1)
-        _, cache = forward_cached(self.model_cfg, params, window_BL, state.cache, 0)
-        return state._replace(cache=cache, window_BL=window_BL, length=jnp.int32(self.block_size - self.shift))
+        kept = self.block_size - self.shift
+        cache, _ = self._fill(params, window_BL, kept, state.cache)
+        return state._replace(cache=cache, window_BL=window_BL, length=jnp.int32(kept))
+
+    def _fill(self, params, window_BL, length, cache):
+        """Run the window's positions 0 .. length-1 into the cache, one block of kv_block positions per
+        pass, as many passes as `length` needs: a short prompt (or a refill's kept tokens) costs its
+        blocks, not the whole buffer. Returns the cache and the logits at position length - 1.
+
+        Positions past `length` in the last block hold padding: never attended to (queries see only
+        keys at or before their own position) and overwritten as decoding reaches them."""
+        from orpheus_jax.model import forward_cached
+        c = self.model_cfg
+        block = c.kv_block if c.block_size % c.kv_block == 0 else c.block_size
+
+        def one_block(j, carry):
+            cache, logits_BV = carry
+            first = j * block
+            tokens_BT = lax.dynamic_slice_in_dim(window_BL, first, block, axis=1)
+            logits_BTV, cache = forward_cached(c, params, tokens_BT, cache, first)
+            # Only the last pass holds position length - 1; earlier ones are overwritten.
+            return cache, lax.dynamic_index_in_dim(logits_BTV, length - 1 - first, axis=1, keepdims=False)
+
+        logits_BV = jnp.zeros((window_BL.shape[0], c.vocab_size), jnp.float32)
+        return lax.fori_loop(0, (length + block - 1) // block, one_block, (cache, logits_BV))
 
     def _decode_fn(self, params, state: DecodeState, n_steps, temperature, top_k, top_p):
         from orpheus_jax.model import forward_cached

@@ -47,6 +47,26 @@ def test_cached_attention_reads_only_the_filled_blocks(params):
     np.testing.assert_allclose(np.asarray(logits), full, atol=1e-5, rtol=0)
 
 
+def test_prefill_and_refill_run_only_the_blocks_they_need(params):
+    """The prompt is run block by block (kv_block 4 here), as many blocks as it fills: the next-token
+    logits must be the full pass's at the prompt's last position, whether it ends inside a block or
+    on a block boundary; a refill keeps the last block_size - shift tokens, at positions 0 onwards."""
+    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (1, CFG.block_size)).astype(np.int32)
+    full = np.asarray(forward(BLOCKED, params, jnp.asarray(tokens)))
+    sampler = Sampler(BLOCKED, params, batch_size=1, chunk=4, shift=6)
+    for prompt_len in (1, 3, 4, 5, 8, 13, 16):
+        state, length = sampler.start(tokens[0, :prompt_len])
+        assert length == prompt_len
+        np.testing.assert_allclose(np.asarray(state.logits_BV)[0], full[0, prompt_len - 1], atol=1e-5, rtol=0)
+    state, _ = sampler.refill(state)  # the full buffer: 10 tokens kept, in 3 blocks
+    kept = tokens[:, 6:]
+    cache_ref = forward_cached(BLOCKED, params, jnp.asarray(np.pad(kept, ((0, 0), (0, 6)))), empty_cache(BLOCKED, 1), 0)[1]
+    for (k, v), (k_ref, v_ref) in zip(state.cache, cache_ref):
+        np.testing.assert_allclose(np.asarray(k)[:, :10], np.asarray(k_ref)[:, :10], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(v)[:, :10], np.asarray(v_ref)[:, :10], atol=1e-5, rtol=0)
+    assert int(state.length) == 10
+
+
 def naive_greedy(params, prompt, n_new, cfg=CFG):
     """The seed's sampler: re-run the whole (cropped) context for every new token."""
     ids = list(prompt)
