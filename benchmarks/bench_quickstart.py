@@ -34,10 +34,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-u", os.path.join(_common.REPO, "train.py"), "--workdir", os.path.join(tmp, "run"),
                "--data", _common.data_path(), *args.train_args]
-        env = {**os.environ, "TQDM_DISABLE": "1"}
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=_common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env)
+        t0 = time.perf_counter()  # the progress bar stays off: its output is a pipe, not a terminal
+        proc = subprocess.Popen(cmd, cwd=_common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         evals = []
         for line in proc.stdout:
             now = time.perf_counter() - t0

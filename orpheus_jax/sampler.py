@@ -232,7 +232,7 @@ class Sampler:
         return state._replace(cache=cache, window_BL=window_BL, length=jnp.int32(kept))
 
     def _fill(self, params, window_BL, length, cache):
-        """Run the window's positions 0 .. length-1 into the cache, one block of kv_block positions per
+        """Run the window's positions 0 .. length-1 into the cache, one attention block of positions per
         pass, as many passes as `length` needs: a short prompt (or a refill's kept tokens) costs its
         blocks, not the whole buffer. Returns the cache and the logits at position length - 1.
 
@@ -240,7 +240,7 @@ class Sampler:
         keys at or before their own position) and overwritten as decoding reaches them."""
         from orpheus_jax.model import forward_cached
         c = self.model_cfg
-        block = c.kv_block if c.block_size % c.kv_block == 0 else c.block_size
+        block = c.attention_block
 
         def one_block(j, carry):
             cache, logits_BV = carry

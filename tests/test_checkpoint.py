@@ -10,8 +10,8 @@ import pytest
 
 from orpheus_jax import OrpheusError
 from orpheus_jax.checkpoint import WorkdirLock, load_run
-from script_runner import REPO
 from orpheus_jax.train import train
+from script_runner import REPO
 
 
 @pytest.fixture(scope="module")

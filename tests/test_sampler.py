@@ -47,24 +47,26 @@ def test_cached_attention_reads_only_the_filled_blocks(params):
     np.testing.assert_allclose(np.asarray(logits), full, atol=1e-5, rtol=0)
 
 
-def test_prefill_and_refill_run_only_the_blocks_they_need(params):
+def test_blockwise_prefill_and_refill_equal_the_full_pass(params):
     """The prompt is run block by block (kv_block 4 here), as many blocks as it fills: the next-token
     logits must be the full pass's at the prompt's last position, whether it ends inside a block or
     on a block boundary; a refill keeps the last block_size - shift tokens, at positions 0 onwards."""
     tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (1, CFG.block_size)).astype(np.int32)
     full = np.asarray(forward(BLOCKED, params, jnp.asarray(tokens)))
-    sampler = Sampler(BLOCKED, params, batch_size=1, chunk=4, shift=6)
+    shift = 6
+    kept = BLOCKED.block_size - shift  # 10 tokens, in 3 blocks
+    sampler = Sampler(BLOCKED, params, batch_size=1, chunk=4, shift=shift)
     for prompt_len in (1, 3, 4, 5, 8, 13, 16):
         state, length = sampler.start(tokens[0, :prompt_len])
         assert length == prompt_len
         np.testing.assert_allclose(np.asarray(state.logits_BV)[0], full[0, prompt_len - 1], atol=1e-5, rtol=0)
-    state, _ = sampler.refill(state)  # the full buffer: 10 tokens kept, in 3 blocks
-    kept = tokens[:, 6:]
-    cache_ref = forward_cached(BLOCKED, params, jnp.asarray(np.pad(kept, ((0, 0), (0, 6)))), empty_cache(BLOCKED, 1), 0)[1]
+    state, _ = sampler.refill(state)  # the buffer is full after the last prompt
+    one_pass = jnp.asarray(np.pad(tokens[:, shift:], ((0, 0), (0, shift))))
+    cache_ref = forward_cached(BLOCKED, params, one_pass, empty_cache(BLOCKED, 1), 0)[1]
     for (k, v), (k_ref, v_ref) in zip(state.cache, cache_ref):
-        np.testing.assert_allclose(np.asarray(k)[:, :10], np.asarray(k_ref)[:, :10], atol=1e-5, rtol=0)
-        np.testing.assert_allclose(np.asarray(v)[:, :10], np.asarray(v_ref)[:, :10], atol=1e-5, rtol=0)
-    assert int(state.length) == 10
+        np.testing.assert_allclose(np.asarray(k)[:, :kept], np.asarray(k_ref)[:, :kept], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.asarray(v)[:, :kept], np.asarray(v_ref)[:, :kept], atol=1e-5, rtol=0)
+    assert int(state.length) == kept
 
 
 def naive_greedy(params, prompt, n_new, cfg=CFG):
