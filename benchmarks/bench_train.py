@@ -43,7 +43,7 @@ def make_config(name: str, assignments: list[str]):
     cfg = iliad_char.get_config()
     cfg.update(PRESETS[name])
     overrides = _common.apply_overrides(cfg, assignments)
-    # Intervals must be multiples of steps_per_call to validate; they do not affect speed here.
+    # Intervals rounded up to multiples of steps_per_call, so that no call is shortened (another compile).
     spc = cfg.steps_per_call
     for key in INTERVAL_KEYS:
         cfg[key] = -(-cfg[key] // spc) * spc

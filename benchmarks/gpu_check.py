@@ -4,14 +4,16 @@
 1. train.py with the seed recipe in bfloat16, all 5,000 steps, in a subprocess as a user runs it:
    process wall time, training time (the loop's timed intervals: no compile, evaluations or
    checkpoint waits), median tokens/s and MFU over the log lines, final val loss.
-2. benchmarks/bench_sample.py: cached-sampler tokens/s at batch 1 and 16 (500 new tokens).
+2. benchmarks/bench_sample.py: cached-sampler tokens/s at batch 1 and 16, 500 new tokens, for float32,
+   bfloat16 and int8 weights.
 3. ../shared/bench/torch_reference.py on the same device in bfloat16 autocast: `--impl seed` (the
    seed's code) and `--impl fused --compile` (what a nanoGPT user runs), training tokens/s; and the
    seed's sampler at batch 1 and 16.
 
 Prints a table (lines starting with '# ') and then one JSON object with every figure; --json also
-writes it to a file. --smoke runs a tiny version on the CPU (for tests): the tiny config, a few new
-tokens, the reference's small config without --compile, and only if torch is importable.
+writes it to a file (after each step too). --smoke runs a tiny version on the CPU (for tests): the
+tiny config, a few new tokens, the reference's small config without --compile, and only if torch is
+importable.
 """
 import argparse
 import json
@@ -93,6 +95,11 @@ def main():
     data = os.environ.get("ORPHEUS_DATA") or os.path.join(REPO, "..", "shared", "data", "iliad.txt")
     figures = dict(mode="smoke" if args.smoke else "accelerator")
 
+    def save(figures):  # after each step too, so that a run cut off by a time limit keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(figures, f, indent=1)
+
     # Which device and software: from a subprocess, so this process never holds the accelerator.
     out, _ = run([py, "-c", "import json, platform, jax; d = jax.devices()[0]; print(json.dumps(dict("
                   "backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(), "
@@ -113,14 +120,17 @@ def main():
             records = [json.loads(line) for line in f if line.strip()]
         figures["train"] = dict(summarize_training(records, run_config), process_s=wall,
                                 compile_s=float(compiled.group(1)) if compiled else None, dtype=run_config["dtype"])
+    save(figures)
 
     # 2. Sampling speed of the cached sampler (seed-sized model, random weights).
     sample_args = (["--new", "4", "--batch", "1", "--reps", "1", "--positions", "10", "--latency_reps", "1",
                     "--bw_mib", "4", "--naive_batch", ""] if args.smoke else
-                   ["--new", "500", "--batch", "1,16", "--reps", "3", "--naive_batch", "1", "--naive_new", "500"])
+                   ["--new", "500", "--batch", "1,16", "--reps", "3", "--naive_batch", "1", "--naive_new", "500",
+                    "--weights", "float32,bfloat16,int8"])
     out, _ = run([py, "benchmarks/bench_sample.py", *sample_args])
-    figures["sample"] = {f"{r['sampler']}_batch{r['batch']}": r["value"] for r in json_lines(out)
+    figures["sample"] = {f"{r['sampler']}_{r['weights']}_batch{r['batch']}": r["value"] for r in json_lines(out)
                          if r.get("metric") == "tokens_per_s"}
+    save(figures)
 
     # 3. The PyTorch reference, where torch is installed.
     has_torch = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
@@ -135,6 +145,7 @@ def main():
         for name, extra in variants.items():
             out, _ = run([py, args.torch_reference, "train", *common, *extra], env=dict(os.environ, ORPHEUS_DATA=data))
             figures["torch_train"][name.removeprefix("torch_")] = json_lines(out)[-1]
+            save(figures)
         figures["torch_sample"] = {}
         gen = (["--config", "small", "--device", "cpu", "--new", "8", "--reps", "1"] if args.smoke else
                ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--new", "500", "--reps", "3"])
@@ -142,6 +153,7 @@ def main():
             out, _ = run([py, args.torch_reference, "generate", *gen, "--batch", str(batch)],
                          env=dict(os.environ, ORPHEUS_DATA=data))
             figures["torch_sample"][f"seed_batch{batch}"] = json_lines(out)[-1]["tokens_per_s"]
+            save(figures)
     figures.update(compare(figures))
 
     t = figures["train"]
@@ -166,9 +178,7 @@ def main():
         state = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
         print(f"# goal {key} {'<' if key == 'training_s' else '>='} {g['goal']}: {fmt(g['value'], '.3g')} ({state})")
     print(json.dumps(figures))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=1)
+    save(figures)
 
 
 if __name__ == "__main__":

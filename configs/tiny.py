@@ -17,5 +17,6 @@ def get_config():
     c.eval_interval = 10
     c.eval_iters = 2
     c.log_interval = 5
+    c.steps_per_call = 1  # tests count steps one call at a time unless they ask for more
     c.checkpoint_interval = 10
     return c

@@ -66,9 +66,6 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg.param_sharding in PARAM_SHARDINGS,
           f"param_sharding must be one of {PARAM_SHARDINGS}, got {cfg.param_sharding!r}")
     check(cfg.prng_impl in PRNG_IMPLS, f"prng_impl must be one of {PRNG_IMPLS}, got {cfg.prng_impl!r}")
-    for key in ("max_iters", "eval_interval", "checkpoint_interval", "log_interval"):
-        check(cfg[key] % cfg.steps_per_call == 0,
-              f"{key} ({cfg[key]}) must be a multiple of steps_per_call ({cfg.steps_per_call})")
 
 
 def save(cfg: ml_collections.ConfigDict, vocab_size: int, path: str) -> None:

@@ -33,7 +33,8 @@ class GPTConfig:
     pos_encoding: str = "learned"  # or "sinusoidal"
     attn_scale: str = "head"  # scores * head_size**-0.5; "embd": * n_embd**-0.5, as the seed's code
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    dropout_rng: str = "jax"  # "hash": dropout bits from a counter hash, ~30x cheaper than JAX's PRNG on CPU
+    dropout_rng: str = "jax"  # or "hash" (the config files' default): bits from a counter hash, ~30x cheaper on CPU;
+    # "jax" here is what runs saved before the key existed used
     kv_block: int = 64  # cached attention reads the key/value buffer in blocks of this many positions
 
     @classmethod

@@ -227,7 +227,8 @@ def prepare_run(cfg, workdir: str, data_path: str, latest: int | None):
     """Everything checked before any work: data, tokenizer, and the workdir's checkpoint compatibility.
 
     Returns (cfg, tokenizer, train_tokens, val_tokens); cfg is the given one, except that a resumed
-    run with a new max_iters keeps the learning-rate schedule it had (see continue_schedule)."""
+    run keeps its randomness (continue_randomness) and, with a new max_iters, the learning-rate
+    schedule it had (continue_schedule)."""
     if latest is None:
         tokenizer = None  # the text's own characters
     else:  # resuming: the checkpoint's vocabulary and shapes rule
@@ -240,9 +241,30 @@ def prepare_run(cfg, workdir: str, data_path: str, latest: int | None):
             raise OrpheusError(f"{workdir} holds a checkpoint of a different model ({mismatch}); "
                                "use another --workdir or the same config")
         cfg = continue_schedule(saved, cfg, latest)
+        cfg = continue_randomness(saved, cfg)
     tokenizer, tokens = token_cache.load(data_path, tokenizer)
     train_tokens, val_tokens = data.split(tokens, cfg.val_fraction, cfg.block_size)
     return cfg, tokenizer, train_tokens, val_tokens
+
+
+RANDOMNESS_KEYS = ("seed", "prng_impl", "dropout_rng")
+
+
+def continue_randomness(saved, cfg):
+    """The config a resumed run trains with, so that it draws the batches and dropout masks of its
+    uninterrupted self: the saved run's seed and generators rule (a run saved before dropout_rng
+    existed used JAX's bits), whatever the config file's defaults are now."""
+    before_the_key = {"dropout_rng": GPTConfig.dropout_rng}  # what a run saved without the key drew with
+    kept = {key: saved.get(key, before_the_key.get(key, cfg[key])) for key in RANDOMNESS_KEYS}
+    changed = {key: value for key, value in kept.items() if value != cfg[key]}
+    if not changed:
+        return cfg
+    cfg = cfg.copy_and_resolve_references()
+    cfg.update(changed)
+    print("Resuming with the run's own " + ", ".join(f"{key}={value}" for key, value in changed.items())
+          + " (its batches and dropout masks continue as they began); start a new --workdir to change them.",
+          flush=True)
+    return cfg
 
 
 def continue_schedule(saved, cfg, step: int):
@@ -351,7 +373,8 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
     print(f"Compiled the train step in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def train_call(state, n):
-        # Calls shorter than steps_per_call happen only to land on a boundary after a resume.
+        # Shorter calls land on a boundary that is not a multiple of steps_per_call (an interval, max_iters,
+        # a resumed step); each new length compiles once.
         source = train_source(n)
         if n not in compiled:
             compiled[n] = jitted_train_step.lower(state, source, n).compile()

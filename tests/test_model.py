@@ -57,7 +57,9 @@ def test_dropout_masks_have_the_right_rate_and_vary(dropout_rng):
     assert set(np.unique(a).tolist()) == {0.0, 1.25}  # inverted dropout: kept values scaled by 1/0.8
     assert abs((a == 0).mean() - 0.2) < 0.002 and abs((b == 0).mean() - 0.2) < 0.002
     assert abs(((a == 0) & (b == 0)).mean() - 0.04) < 0.002  # masks of two keys independent
-    assert abs(((a[..., 1:] == 0) & (a[..., :-1] == 0)).mean() - 0.04) < 0.002  # neighbours too
+    assert abs(((a[..., 1:] == 0) & (a[..., :-1] == 0)).mean() - 0.04) < 0.002  # neighbours too,
+    assert abs(((a[..., 1:, :] == 0) & (a[..., :-1, :] == 0)).mean() - 0.04) < 0.002  # along every axis
+    assert abs(((a[1:] == 0) & (a[:-1] == 0)).mean() - 0.04) < 0.002
     np.testing.assert_array_equal(a, np.asarray(drop(0)))
 
 

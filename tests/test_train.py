@@ -170,6 +170,40 @@ def test_resume_with_another_steps_per_call_lands_on_every_boundary(tiny_cfg, sm
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, resumed.params)
 
 
+def test_intervals_that_are_not_multiples_of_steps_per_call_are_landed_on(tiny_cfg, small_text_path, tmp_path):
+    """5 steps per call with logs every 3, evaluations every 4 and 10 steps: the calls are shortened
+    to hit every boundary, and the run is the one-step-per-call run."""
+    tiny_cfg.update(max_iters=10, log_interval=3, eval_interval=4, checkpoint_interval=4)
+    straight = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "a"), small_text_path)
+    tiny_cfg.steps_per_call = 5
+    scanned = train(tiny_cfg, str(tmp_path / "b"), small_text_path)
+    a, b = read_records(tmp_path / "a"), read_records(tmp_path / "b")
+    assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 3, 4, 6, 8, 9, 10, 10]
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints"), key=int) == ["4", "8", "10"]
+    for ra, rb in zip(a, b):
+        np.testing.assert_allclose([ra[k] for k in ra if k != "tokens_per_s"], [rb[k] for k in rb if k != "tokens_per_s"],
+                                   rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, scanned.params)
+
+
+def test_a_resumed_run_keeps_its_own_randomness(tiny_cfg, small_text_path, tmp_path, capsys):
+    """A run begun with JAX's dropout bits (as before hash became the default; older runs' config.json
+    lacks the key) resumes with them, whatever the config now says, and ends as its straight self."""
+    tiny_cfg.update(max_iters=8, lr_decay_iters=8, checkpoint_interval=4, dropout_rng="jax")
+    straight = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "a"), small_text_path)
+    tiny_cfg.max_iters = 4
+    train(tiny_cfg, str(tmp_path / "b"), small_text_path)
+    config_path = tmp_path / "b" / "config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["dropout_rng"]
+    config_path.write_text(json.dumps(saved))
+    tiny_cfg.update(max_iters=8, dropout_rng="hash", seed=7)
+    resumed = train(tiny_cfg, str(tmp_path / "b"), small_text_path)
+    assert "Resuming with the run's own seed=1337, dropout_rng=jax" in capsys.readouterr().out
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, resumed.params)
+    assert json.loads(config_path.read_text())["dropout_rng"] == "jax"
+
+
 def test_raising_max_iters_keeps_the_learning_rate_continuous(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.update(max_iters=20, log_interval=1, warmup_iters=5)
     workdir = str(tmp_path / "run")
