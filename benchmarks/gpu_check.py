@@ -95,7 +95,7 @@ def main():
     data = os.environ.get("ORPHEUS_DATA") or os.path.join(REPO, "..", "shared", "data", "iliad.txt")
     figures = dict(mode="smoke" if args.smoke else "accelerator")
 
-    def save(figures):  # after each step too, so that a run cut off by a time limit keeps what it measured
+    def save():  # after each step too, so that a run cut off by a time limit keeps what it measured
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(figures, f, indent=1)
@@ -120,7 +120,7 @@ def main():
             records = [json.loads(line) for line in f if line.strip()]
         figures["train"] = dict(summarize_training(records, run_config), process_s=wall,
                                 compile_s=float(compiled.group(1)) if compiled else None, dtype=run_config["dtype"])
-    save(figures)
+    save()
 
     # 2. Sampling speed of the cached sampler (seed-sized model, random weights).
     sample_args = (["--new", "4", "--batch", "1", "--reps", "1", "--positions", "10", "--latency_reps", "1",
@@ -130,7 +130,7 @@ def main():
     out, _ = run([py, "benchmarks/bench_sample.py", *sample_args])
     figures["sample"] = {f"{r['sampler']}_{r['weights']}_batch{r['batch']}": r["value"] for r in json_lines(out)
                          if r.get("metric") == "tokens_per_s"}
-    save(figures)
+    save()
 
     # 3. The PyTorch reference, where torch is installed.
     has_torch = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
@@ -145,7 +145,7 @@ def main():
         for name, extra in variants.items():
             out, _ = run([py, args.torch_reference, "train", *common, *extra], env=dict(os.environ, ORPHEUS_DATA=data))
             figures["torch_train"][name.removeprefix("torch_")] = json_lines(out)[-1]
-            save(figures)
+            save()
         figures["torch_sample"] = {}
         gen = (["--config", "small", "--device", "cpu", "--new", "8", "--reps", "1"] if args.smoke else
                ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--new", "500", "--reps", "3"])
@@ -153,7 +153,7 @@ def main():
             out, _ = run([py, args.torch_reference, "generate", *gen, "--batch", str(batch)],
                          env=dict(os.environ, ORPHEUS_DATA=data))
             figures["torch_sample"][f"seed_batch{batch}"] = json_lines(out)[-1]["tokens_per_s"]
-            save(figures)
+            save()
     figures.update(compare(figures))
 
     t = figures["train"]
@@ -178,7 +178,7 @@ def main():
         state = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
         print(f"# goal {key} {'<' if key == 'training_s' else '>='} {g['goal']}: {fmt(g['value'], '.3g')} ({state})")
     print(json.dumps(figures))
-    save(figures)
+    save()
 
 
 if __name__ == "__main__":
