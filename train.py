@@ -17,7 +17,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from orpheus_jax import OrpheusError, config as config_lib, data, distributed
+from orpheus_jax import OrpheusError, config as config_lib, data, deterministic_gpu_ops, distributed
 from orpheus_jax.cache import enable_compilation_cache
 from orpheus_jax.train import train
 
@@ -56,6 +56,7 @@ def join_run() -> None:
 
 
 def main() -> None:
+    deterministic_gpu_ops()  # exact resume on GPUs too
     join_run()
     if not distributed.is_main():  # one voice per run: process 0's (errors still reach stderr)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

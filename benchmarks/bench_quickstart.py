@@ -3,7 +3,7 @@
 
     python benchmarks/bench_quickstart.py [-- --config.max_iters=1300 --config.learning_rate=4e-3]
 
-Runs `train.py --workdir <fresh temporary dir> [extra args]` (the default config for this machine
+Runs `train.py --workdir <fresh temporary dir, or --workdir> [extra args]` (the default config for this machine
 unless the extra args name one) as a new process, with the clock started just before the launch,
 and timestamps each evaluation line ("step S: train loss A, val loss B") as it arrives on stdout.
 Prints one row per evaluation and the process's total wall time; `--budget S` adds the last val
@@ -28,11 +28,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget", type=float, default=315.0, help="seconds: report the val loss reached by then")
     parser.add_argument("--label", default="", help="a name for this run in the JSON")
+    parser.add_argument("--workdir", help="a new directory to keep the run in (default: a temporary one)")
     parser.add_argument("train_args", nargs="*", help="after --: arguments for train.py")
     args = parser.parse_args()
+    if args.workdir and os.path.exists(args.workdir):
+        sys.exit(f"error: {args.workdir} exists: the quick start is timed from a new run")
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-u", os.path.join(_common.REPO, "train.py"), "--workdir", os.path.join(tmp, "run"),
+        workdir = args.workdir or os.path.join(tmp, "run")
+        cmd = [sys.executable, "-u", os.path.join(_common.REPO, "train.py"), "--workdir", workdir,
                "--data", _common.data_path(), *args.train_args]
         t0 = time.perf_counter()  # the progress bar stays off: its output is a pipe, not a terminal
         proc = subprocess.Popen(cmd, cwd=_common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -204,7 +204,12 @@ class Sampler:
             self.model_cfg = GPTConfig(**self.settings["model"])
         fn = {"prefill": self._prefill_fn, "decode": self._decode_fn, "refill": self._refill_fn}[name]
         donate = () if name == "prefill" else (1,)  # the state: its buffers are updated in place
-        lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
+        # Float32 products at float32 precision on every platform: a GPU's default is TF32 (a TPU's, one
+        # bfloat16 pass), with which the cached-logits tests failed on an H100 (they pass there with this).
+        # No slower on the CPU, whose float32 products are exact anyway; bfloat16 and int8 operands are
+        # multiplied exactly in either mode.
+        with jax.default_matmul_precision("highest"):
+            lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
         if not self._programs_dir:
             return lowered.compile()
         # An executable read from JAX's compilation cache cannot be written out again (jaxlib 0.10:

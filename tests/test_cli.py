@@ -196,6 +196,22 @@ def test_offline_with_nothing_cached_says_to_pass_data(tmp_path):
     assert_one_line_error(result, "cannot download", "--data FILE")
 
 
+def test_train_py_asks_for_deterministic_gpu_kernels_unless_the_user_chose(monkeypatch):
+    """On an H100, test_resume_is_exact failed with XLA's default (atomic) scatter-adds and passed with
+    deterministic ones. This jaxlib must know the flag too: every train.py run in this file passes it."""
+    from orpheus_jax import deterministic_gpu_ops
+    for before, after in ((None, "--xla_gpu_deterministic_ops=true"),
+                          ("--xla_force_host_platform_device_count=8",
+                           "--xla_force_host_platform_device_count=8 --xla_gpu_deterministic_ops=true"),
+                          ("--xla_gpu_deterministic_ops=false", "--xla_gpu_deterministic_ops=false")):
+        if before is None:
+            monkeypatch.delenv("XLA_FLAGS", raising=False)
+        else:
+            monkeypatch.setenv("XLA_FLAGS", before)
+        deterministic_gpu_ops()
+        assert os.environ["XLA_FLAGS"] == after
+
+
 # --- sample.py ---------------------------------------------------------------------------------
 
 def test_sample_prints_prompt_and_continuation(trained):

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +170,17 @@ def test_one_compilation_serves_every_prompt_length(params):
         assert after_first > 0 and len(compiles) == after_first
     finally:
         stop()
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_every_product_of_the_programs_asks_for_full_float32_precision(params, weights):
+    """On a GPU the default is TF32, which broke the cached-logits tests on an H100; a CPU multiplies
+    float32 exactly either way, so what can be checked here is what each compiled program asks for."""
+    sampler = Sampler(CFG, params, batch_size=2, chunk=8, weights=weights)
+    cached_tokens(sampler, [1, 2, 3], 20, rows=[0, 1])  # prefill, decode and refill
+    for name in ("prefill", "decode", "refill"):
+        dots = [line for line in sampler._compiled[name].as_text().splitlines() if re.search(r"= \S+ dot\(", line)]
+        assert dots and all("operand_precision={highest,highest}" in line for line in dots), name
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 5, 20, 65])
