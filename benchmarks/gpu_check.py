@@ -3,7 +3,8 @@
 
 1. train.py with the seed recipe in bfloat16, all 5,000 steps, in a subprocess as a user runs it:
    process wall time, training time (the loop's timed intervals: no compile, evaluations or
-   checkpoint waits), median tokens/s and MFU over the log lines, final val loss.
+   checkpoint waits), median tokens/s and MFU over the log lines, final val loss. Then 1,500 steps
+   of it without the deterministic GPU kernels train.py asks for, for what they cost.
 2. benchmarks/bench_sample.py: cached-sampler tokens/s at batch 1 and 16, 500 new tokens, for float32,
    bfloat16 and int8 weights.
 3. ../shared/bench/torch_reference.py on the same device in bfloat16 autocast: `--impl seed` (the
@@ -70,6 +71,23 @@ def summarize_training(records: list[dict], run_config: dict) -> dict:
                 final_train_loss=evals[-1]["train_loss"] if evals else None)
 
 
+def train_run(py: str, train_args: list[str], workdir: str | None = None, xla_flags: str | None = None):
+    """train.py in a subprocess from cold caches: (its figures, its config.json)."""
+    with tempfile.TemporaryDirectory(prefix="orpheus-gpu-check-") as tmp:
+        workdir = workdir or os.path.join(tmp, "run")
+        env = dict(os.environ, ORPHEUS_CACHE=os.path.join(tmp, "cache"))  # compile cold
+        if xla_flags is not None:
+            env["XLA_FLAGS"] = xla_flags
+        out, wall = run([py, "train.py", *train_args, "--workdir", workdir], env=env)
+        compiled = re.search(r"Compiled the train step in ([0-9.]+) s", out)
+        with open(os.path.join(workdir, "config.json")) as f:
+            run_config = json.load(f)
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    return dict(summarize_training(records, run_config), process_s=wall,
+                compile_s=float(compiled.group(1)) if compiled else None, dtype=run_config["dtype"]), run_config
+
+
 def compare(figures: dict) -> dict:
     """Ratios against the PyTorch reference, and each of issue 8's goals: met, missed, or not measured."""
     jax_tok_s = figures["train"].get("tokens_per_s")
@@ -106,20 +124,16 @@ def main():
                   "jax=jax.__version__, python=platform.python_version())))"])
     figures["machine"] = json_lines(out)[-1]
 
-    # 1. Training, as a user runs it.
-    with tempfile.TemporaryDirectory(prefix="orpheus-gpu-check-") as tmp:
-        workdir = args.workdir or os.path.join(tmp, "run")
-        config = (["--config", "configs/tiny.py", "--config.max_iters=10"] if args.smoke else
-                  ["--config", "configs/iliad_char.py", "--config.dtype=bfloat16"])
-        out, wall = run([py, "train.py", *config, "--workdir", workdir, "--data", data],
-                        env=dict(os.environ, ORPHEUS_CACHE=os.path.join(tmp, "cache")))  # compile cold
-        compiled = re.search(r"Compiled the train step in ([0-9.]+) s", out)
-        with open(os.path.join(workdir, "config.json")) as f:
-            run_config = json.load(f)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f if line.strip()]
-        figures["train"] = dict(summarize_training(records, run_config), process_s=wall,
-                                compile_s=float(compiled.group(1)) if compiled else None, dtype=run_config["dtype"])
+    # 1. Training, as a user runs it; then without deterministic kernels.
+    config = (["--config", "configs/tiny.py", "--config.max_iters=10"] if args.smoke else
+              ["--config", "configs/iliad_char.py", "--config.dtype=bfloat16"])
+    figures["train"], run_config = train_run(py, [*config, "--data", data], args.workdir)
+    save()
+    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=false".strip()
+    figures["train_nondeterministic"], _ = train_run(
+        py, [*config, "--data", data, "--config.max_iters=" + ("10" if args.smoke else "1500")], xla_flags=xla_flags)
+    figures["deterministic_tokens_per_s_ratio"] = (
+        figures["train"]["tokens_per_s"] / figures["train_nondeterministic"]["tokens_per_s"])
     save()
 
     # 2. Sampling speed of the cached sampler (seed-sized model, random weights).
@@ -166,6 +180,9 @@ def main():
           f"{t['steps']} steps: process {t['process_s']:.1f} s (compile {fmt(t['compile_s'], '.1f')} s), "
           f"training {t['training_s']:.1f} s, {fmt(t['tokens_per_s'], ',.0f')} tok/s (median), MFU "
           f"{fmt(t['mfu'], '.1%')}, final val loss {fmt(t['final_val_loss'], '.4f')}")
+    n = figures["train_nondeterministic"]
+    print(f"# train.py without deterministic GPU kernels, {n['steps']} steps: {fmt(n['tokens_per_s'], ',.0f')} tok/s "
+          f"(median); with them / without: {figures['deterministic_tokens_per_s_ratio']:.3f}")
     for key, tok_s in figures["sample"].items():
         print(f"# sampling {key}: {tok_s:,.0f} tok/s")
     for name, r in figures.get("torch_train", {}).items():

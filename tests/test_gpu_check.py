@@ -45,5 +45,6 @@ def test_smoke_mode_runs_every_step_on_the_cpu(tmp_path, iliad_path):
     assert figures["mode"] == "smoke" and figures["machine"]["backend"] == "cpu"
     assert figures["train"]["steps"] == 10 and figures["train"]["mfu"] is None  # no peak for a CPU
     assert 0 < figures["train"]["final_val_loss"] < 4.3 and figures["train"]["training_s"] > 0
+    assert figures["train_nondeterministic"]["steps"] == 10 and figures["deterministic_tokens_per_s_ratio"] > 0
     assert set(figures["sample"]) == {"cached_float32_batch1"} and figures["sample"]["cached_float32_batch1"] > 0
     assert json.loads(result.stdout.strip().splitlines()[-1]) == figures
