@@ -27,10 +27,10 @@ def write_atomically(path: str, text: str) -> None:
 
 
 def deterministic_gpu_ops() -> None:
-    """Ask XLA for deterministic GPU kernels; call it before JAX first touches a device. By default XLA's
-    GPU scatter-adds (the embeddings' gradients) use atomics, so two runs of one config differ, and a
-    resumed run differs from an uninterrupted one (measured on an H100). A choice already in XLA_FLAGS
-    is kept. CPUs and TPUs are deterministic anyway."""
+    """Ask XLA for deterministic GPU kernels; call it before JAX first touches a device. XLA's default GPU
+    scatter-adds (the embeddings' gradients) use atomics: on an H100 a resumed run then did not continue
+    exactly as the uninterrupted one. A choice already in XLA_FLAGS is kept. CPUs and TPUs are
+    deterministic anyway."""
     import os
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_deterministic_ops" not in flags:
