@@ -9,6 +9,7 @@ float32 logits [batch_size, sequence_length, vocab], sequence_length <= block_si
 cached decode (a prefill graph and a one-token step graph with key/value buffers as inputs and
 outputs); examples/onnx_generate.py samples with them in ONNX Runtime alone.
 """
+
 import os
 
 from orpheus_jax import OrpheusError
@@ -20,7 +21,9 @@ def parse_args(argv):
     p.add_argument("--workdir", required=True, help="a run directory (train.py or import_seed.py)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--onnx", required=True, help="the forward graph's file, e.g. orpheus.onnx")
-    p.add_argument("--decode", action="store_true", help="also write <name>.prefill.onnx and <name>.step.onnx")
+    p.add_argument(
+        "--decode", action="store_true", help="also write <name>.prefill.onnx and <name>.step.onnx"
+    )
     return p.parse_args(argv)
 
 
@@ -29,7 +32,9 @@ def main(argv) -> None:
     try:
         import onnx  # noqa: F401
     except ImportError:
-        raise OrpheusError("the export needs the onnx package: pip install -r requirements-export.txt") from None
+        raise OrpheusError(
+            "the export needs the onnx package: pip install -r requirements-export.txt"
+        ) from None
     from orpheus_jax.checkpoint import load_run
     from orpheus_jax.export import export_run
 

@@ -19,8 +19,11 @@ def parse_args(argv):
     p = argument_parser(__doc__)
     p.add_argument("model", help="the seed's model.pth (torch.save of the model or of its state_dict)")
     p.add_argument("--workdir", required=True, help="the run directory to create")
-    p.add_argument("--text", default=None,
-                   help="the training text, for the vocabulary (default: $ORPHEUS_DATA, else the Iliad)")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="the training text, for the vocabulary (default: $ORPHEUS_DATA, else the Iliad)",
+    )
     return p.parse_args(argv)
 
 
@@ -30,8 +33,10 @@ def main(argv) -> None:
     from orpheus_jax.seed_import import import_seed
 
     cfg, tokenizer = import_seed(args.model, args.workdir, args.text, orpheus_seed.get_config())
-    print(f"Imported {args.model}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} dims, block "
-          f"{cfg.block_size}, vocabulary {tokenizer.vocab_size}, into {args.workdir} (checkpoint step 0)")
+    print(
+        f"Imported {args.model}: {cfg.n_layer} layers, {cfg.n_head} heads, {cfg.n_embd} dims, block "
+        f"{cfg.block_size}, vocabulary {tokenizer.vocab_size}, into {args.workdir} (checkpoint step 0)"
+    )
     print(f"Sample from it: python sample.py --workdir {args.workdir} --prompt Achilles")
 
 

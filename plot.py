@@ -7,6 +7,7 @@
 Each run directory needs the metrics.jsonl that train.py writes; a training run also redraws its
 own <workdir>/losses.png at every evaluation.
 """
+
 import argparse
 import os
 import sys
@@ -23,6 +24,7 @@ def main(argv) -> None:
 
     def error(message):  # argparse prints usage and exits 2; we want the one-line form
         raise OrpheusError(message)
+
     p.error = error
     args = p.parse_args(argv)
 
@@ -31,7 +33,9 @@ def main(argv) -> None:
     for run, name in zip(args.runs, names):
         path = metrics_path(run)
         if not os.path.exists(path):
-            raise OrpheusError(f"no metrics in {run} (no {os.path.basename(path)}): is it a run directory of train.py?")
+            raise OrpheusError(
+                f"no metrics in {run} (no {os.path.basename(path)}): is it a run directory of train.py?"
+            )
         records = read_jsonl(path)
         if not any("loss" in r or "val_loss" in r for r in records):
             raise OrpheusError(f"{path} holds no losses yet")

@@ -7,7 +7,7 @@
 
 Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
 """
-import os
+
 import sys
 
 from orpheus_jax import OrpheusError
@@ -26,21 +26,35 @@ def parse_args(argv):
     p.add_argument("--max_new_tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     p.add_argument("--top_k", type=int, default=0, help="keep the k most likely characters (0: all)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus: keep the smallest set holding this probability")
+    p.add_argument(
+        "--top_p", type=float, default=1.0, help="nucleus: keep the smallest set holding this probability"
+    )
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shift", type=int, default=None,
-                   help="when the context is full, drop this many oldest tokens and re-prefill "
-                        "(1 = the seed's crop-and-recompute, exact; default block_size // 2)")
-    p.add_argument("--stop", default=None,
-                   help="end a sample at the first occurrence of this text; escapes such as \\n and \\t are "
-                        "decoded, so --stop '\\n\\n' stops at a blank line")
+    p.add_argument(
+        "--shift",
+        type=int,
+        default=None,
+        help="when the context is full, drop this many oldest tokens and re-prefill "
+        "(1 = the seed's crop-and-recompute, exact; default block_size // 2)",
+    )
+    p.add_argument(
+        "--stop",
+        default=None,
+        help="end a sample at the first occurrence of this text; escapes such as \\n and \\t are "
+        "decoded, so --stop '\\n\\n' stops at a blank line",
+    )
     p.add_argument("--stream", action="store_true", help="print characters as they are produced")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="compute dtype (default: the run's)")
-    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default="float32",
-                   help="the matrices' type for decoding: bfloat16 halves, int8 (a scale per output, the "
-                        "activations quantized per row) quarters the bytes read per character")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the run's)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=("float32", "bfloat16", "int8"),
+        default="float32",
+        help="the matrices' type for decoding: bfloat16 halves, int8 (a scale per output, the "
+        "activations quantized per row) quarters the bytes read per character",
+    )
 
     args = p.parse_args(argv)
     if args.max_new_tokens <= 0:
@@ -87,7 +101,8 @@ def main(argv) -> None:
 
     # After argument checks: bad flags answer at once. Neither Flax nor Orbax is imported unless the
     # sampler must be built (a first run with these settings): see Sampler.from_run.
-    from orpheus_jax import checkpoint, config as config_lib
+    from orpheus_jax import checkpoint
+    from orpheus_jax import config as config_lib
     from orpheus_jax.cache import enable_compilation_cache
     from orpheus_jax.sampler import Sampler
     from orpheus_jax.tokenizer import CharTokenizer
@@ -103,16 +118,23 @@ def main(argv) -> None:
 
     # Streaming shows one sample at a time (batch 1, the row's own key: the same text as batched).
     batches = [[r] for r in range(args.num_samples)] if args.stream else [list(range(args.num_samples))]
-    sampler = Sampler.from_run(args.workdir, step, batch_size=len(batches[0]), shift=args.shift,
-                               weights=args.weights, dtype=args.dtype)
+    sampler = Sampler.from_run(
+        args.workdir,
+        step,
+        batch_size=len(batches[0]),
+        shift=args.shift,
+        weights=args.weights,
+        dtype=args.dtype,
+    )
     out = sys.stdout
     for b, rows in enumerate(batches):
         texts = ["" for _ in rows]
         done = [False for _ in rows]
         if args.stream:
             out.write(prompt)
-        for tokens_Bn in sampler.generate(prompt_ids, args.max_new_tokens, args.seed, rows, args.temperature,
-                                          args.top_k, args.top_p):
+        for tokens_Bn in sampler.generate(
+            prompt_ids, args.max_new_tokens, args.seed, rows, args.temperature, args.top_k, args.top_p
+        ):
             for i, ids in enumerate(tokens_Bn):
                 if done[i]:
                     continue

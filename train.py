@@ -10,6 +10,7 @@ Re-running with the same --workdir resumes from its latest checkpoint; Ctrl-C sa
 Several hosts: the same command on every host, plus --distributed (TPU pod slices, SLURM: JAX finds the
 others) or --coordinator_address HOST:PORT --num_processes N --process_id I (see the README).
 """
+
 import os
 import sys
 
@@ -17,7 +18,8 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from orpheus_jax import OrpheusError, config as config_lib, data, deterministic_gpu_ops, distributed
+from orpheus_jax import OrpheusError, data, deterministic_gpu_ops, distributed
+from orpheus_jax import config as config_lib
 from orpheus_jax.cache import enable_compilation_cache
 from orpheus_jax.train import train
 
@@ -36,12 +38,17 @@ def default_config_path() -> str:
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config name>).")
 flags.DEFINE_string("data", None, "Training text (default: $ORPHEUS_DATA, else the Iliad, downloaded once).")
 # A multi-process run (one process per host), with jax.distributed's own names.
-flags.DEFINE_bool("distributed", False, "Join a multi-process run that JAX detects (TPU pod slice, SLURM, Open MPI).")
+flags.DEFINE_bool(
+    "distributed", False, "Join a multi-process run that JAX detects (TPU pod slice, SLURM, Open MPI)."
+)
 flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0, which every process can reach.")
 flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 flags.DEFINE_integer("process_id", None, "This process's number, 0 .. num_processes - 1.")
-flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "Seconds of silence after which a process counts as dead "
-                     "and the run ends.")
+flags.DEFINE_integer(
+    "heartbeat_timeout_seconds",
+    100,
+    "Seconds of silence after which a process counts as dead and the run ends.",
+)
 FLAGS = flags.FLAGS
 
 
@@ -51,8 +58,13 @@ def join_run() -> None:
         FLAGS(sys.argv, known_only=True)
     except flags.Error as e:
         raise OrpheusError(str(e).splitlines()[0]) from None
-    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                           auto=FLAGS.distributed, heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds)
+    distributed.initialize(
+        FLAGS.coordinator_address,
+        FLAGS.num_processes,
+        FLAGS.process_id,
+        auto=FLAGS.distributed,
+        heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_seconds,
+    )
 
 
 def main() -> None:
@@ -60,7 +72,9 @@ def main() -> None:
     join_run()
     if not distributed.is_main():  # one voice per run: process 0's (errors still reach stderr)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    config_flags.DEFINE_config_file("config", default_config_path(), "Config file (configs/*.py).", lock_config=True)
+    config_flags.DEFINE_config_file(
+        "config", default_config_path(), "Config file (configs/*.py).", lock_config=True
+    )
     try:
         FLAGS(sys.argv)
         cfg = FLAGS.config
@@ -77,8 +91,11 @@ def main() -> None:
     name = os.path.splitext(os.path.basename(config_file))[0]
     if not any(arg == "--config" or arg.startswith("--config=") for arg in sys.argv[1:]):
         if os.path.abspath(config_file) == CPU_CONFIG:
-            print(f"No accelerator found: training the CPU preset ({os.path.relpath(CPU_CONFIG)}). "
-                  f"On a GPU/TPU the default is the seed recipe ({os.path.relpath(SEED_CONFIG)}).", flush=True)
+            print(
+                f"No accelerator found: training the CPU preset ({os.path.relpath(CPU_CONFIG)}). "
+                f"On a GPU/TPU the default is the seed recipe ({os.path.relpath(SEED_CONFIG)}).",
+                flush=True,
+            )
     workdir = FLAGS.workdir or os.path.join("runs", name)
     enable_compilation_cache()
     train(cfg, workdir, data.resolve_corpus(FLAGS.data))

@@ -3,6 +3,7 @@
 The machine these run on is shared and noisy, so every figure is a median of several timed
 repetitions taken after warm-up; min and max go into the JSON so the spread can be judged.
 """
+
 import json
 import os
 import platform
@@ -48,8 +49,10 @@ def matmul_flops(dtype, n: int = 2048, reps: int = 5, compiler_options=None) -> 
     """FLOP/s samples of a jitted n x n x n matmul with float32 accumulation and output."""
     a_NN = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     b_NN = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
-    dot = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), compiler_options=compiler_options)
-    return [2 * n ** 3 / t for t in time_calls(lambda: dot(a_NN, b_NN).block_until_ready(), reps, warmup=2)]
+    dot = jax.jit(
+        lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32), compiler_options=compiler_options
+    )
+    return [2 * n**3 / t for t in time_calls(lambda: dot(a_NN, b_NN).block_until_ready(), reps, warmup=2)]
 
 
 def parse_list(text: str, kind=int) -> list:
@@ -74,8 +77,13 @@ def apply_overrides(cfg, assignments: list[str]) -> dict:
 
 
 def machine_info() -> dict:
-    return dict(backend=jax.default_backend(), devices=jax.device_count(), cpus=os.cpu_count(),
-                jax=jax.__version__, python=platform.python_version())
+    return dict(
+        backend=jax.default_backend(),
+        devices=jax.device_count(),
+        cpus=os.cpu_count(),
+        jax=jax.__version__,
+        python=platform.python_version(),
+    )
 
 
 def fmt(value: float) -> str:

@@ -13,6 +13,7 @@ subprocesses and timestamps their output lines:
     tokens_per_s after the first log line.
 Peak RSS is the child's ru_maxrss (os.wait4). Progress goes to stderr, the table and JSON to stdout.
 """
+
 import argparse
 import os
 import random
@@ -47,24 +48,33 @@ def run_train(data: str, workdir: str, cache: str, overrides: list[str]) -> dict
     cmd = [sys.executable, "train.py", "--config", CONFIG, "--data", data, "--workdir", workdir, *overrides]
     env = dict(os.environ, ORPHEUS_CACHE=cache)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=_common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=_common.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
     seen, lines = {}, []
     for line in proc.stdout:
         lines.append(line)
-        seen.setdefault(line.split(" ")[0] if "parameters, vocab" not in line else "summary", time.perf_counter() - t0)
+        seen.setdefault(
+            line.split(" ")[0] if "parameters, vocab" not in line else "summary", time.perf_counter() - t0
+        )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"train.py failed: {' '.join(cmd)}\n{''.join(lines[-20:])}")
-    print(f"[data] {os.path.basename(data)}: {wall:.1f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB",
-          file=sys.stderr, flush=True)
+    print(
+        f"[data] {os.path.basename(data)}: {wall:.1f} s, peak RSS {usage.ru_maxrss / 1024:.0f} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
     return dict(times=seen, rss=usage.ru_maxrss * 1024, wall=wall, stdout="".join(lines))
 
 
 def tokens_per_s(workdir: str) -> list[float]:
     from orpheus_jax.metrics import read_jsonl
-    return [r["tokens_per_s"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "tokens_per_s" in r][1:]
+
+    return [
+        r["tokens_per_s"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "tokens_per_s" in r
+    ][1:]
 
 
 def main():
@@ -78,19 +88,31 @@ def main():
         print(f"[data] making {args.text}", file=sys.stderr, flush=True)
         make_text(args.text, args.size)
     text_bytes = os.path.getsize(args.text)
-    overrides = [f"--config.max_iters={args.steps}", f"--config.eval_interval={args.steps}",
-                 f"--config.checkpoint_interval={args.steps}", "--config.eval_iters=5"]
+    overrides = [
+        f"--config.max_iters={args.steps}",
+        f"--config.eval_interval={args.steps}",
+        f"--config.checkpoint_interval={args.steps}",
+        "--config.eval_iters=5",
+    ]
     report = _common.Report("data", **_common.machine_info(), text_bytes=text_bytes, steps=args.steps)
     with tempfile.TemporaryDirectory(prefix="orpheus-bench-data-") as tmp:
         cache = os.path.join(tmp, "cache")
         first = run_train(args.text, os.path.join(tmp, "first"), cache, overrides)
         tokenized = [line for line in first["stdout"].splitlines() if line.startswith("Tokenized in")][0]
         seconds = float(tokenized.split("Tokenized in ")[1].split(" s")[0])
-        token_file = max((os.path.join(cache, "tokens", f) for f in os.listdir(os.path.join(cache, "tokens"))),
-                         key=os.path.getsize)
+        token_file = max(
+            (os.path.join(cache, "tokens", f) for f in os.listdir(os.path.join(cache, "tokens"))),
+            key=os.path.getsize,
+        )
         report.add("tokenize_mb_per_s", text_bytes / 1e6 / seconds, "MB/s", {"run": "first"}, seconds=seconds)
-        report.add("peak_rss_x_token_file", first["rss"] / os.path.getsize(token_file), "x", {"run": "first"},
-                   rss_bytes=first["rss"], token_file_bytes=os.path.getsize(token_file))
+        report.add(
+            "peak_rss_x_token_file",
+            first["rss"] / os.path.getsize(token_file),
+            "x",
+            {"run": "first"},
+            rss_bytes=first["rss"],
+            token_file_bytes=os.path.getsize(token_file),
+        )
         big, iliad = [], []
         for rep in range(args.reps):
             second = run_train(args.text, os.path.join(tmp, f"big{rep}"), cache, overrides)
@@ -98,14 +120,21 @@ def main():
             if rep == 0:
                 report.add("startup_to_data_ready_s", second["times"]["summary"], "s", {"run": "second"})
                 report.add("startup_to_compiled_s", second["times"]["Compiled"], "s", {"run": "second"})
-                report.add("peak_rss_x_token_file", second["rss"] / os.path.getsize(token_file), "x",
-                           {"run": "second"}, rss_bytes=second["rss"])
+                report.add(
+                    "peak_rss_x_token_file",
+                    second["rss"] / os.path.getsize(token_file),
+                    "x",
+                    {"run": "second"},
+                    rss_bytes=second["rss"],
+                )
             small = run_train(_common.data_path(), os.path.join(tmp, f"iliad{rep}"), cache, overrides)
             iliad += tokens_per_s(os.path.join(tmp, f"iliad{rep}"))
             if rep == 0:
                 report.add("peak_rss_bytes", small["rss"], "B", {"run": "iliad"})
     report.add("tokens_per_s", statistics.median(big), "tok/s", {"text": "big (host batches)"}, samples=big)
-    report.add("tokens_per_s", statistics.median(iliad), "tok/s", {"text": "iliad (on device)"}, samples=iliad)
+    report.add(
+        "tokens_per_s", statistics.median(iliad), "tok/s", {"text": "iliad (on device)"}, samples=iliad
+    )
     report.add("big_vs_iliad", statistics.median(big) / statistics.median(iliad), "x", {})
     report.print()
 

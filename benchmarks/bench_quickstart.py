@@ -10,6 +10,7 @@ Prints one row per evaluation and the process's total wall time; `--budget S` ad
 loss reached within S seconds. The persistent caches ($ORPHEUS_CACHE) are whatever the environment
 gives: set ORPHEUS_CACHE to an empty directory for a cold start.
 """
+
 import argparse
 import json
 import os
@@ -25,8 +26,12 @@ EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budget", type=float, default=315.0, help="seconds: report the val loss reached by then")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--budget", type=float, default=315.0, help="seconds: report the val loss reached by then"
+    )
     parser.add_argument("--label", default="", help="a name for this run in the JSON")
     parser.add_argument("--workdir", help="a new directory to keep the run in (default: a temporary one)")
     parser.add_argument("train_args", nargs="*", help="after --: arguments for train.py")
@@ -36,10 +41,20 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = args.workdir or os.path.join(tmp, "run")
-        cmd = [sys.executable, "-u", os.path.join(_common.REPO, "train.py"), "--workdir", workdir,
-               "--data", _common.data_path(), *args.train_args]
+        cmd = [
+            sys.executable,
+            "-u",
+            os.path.join(_common.REPO, "train.py"),
+            "--workdir",
+            workdir,
+            "--data",
+            _common.data_path(),
+            *args.train_args,
+        ]
         t0 = time.perf_counter()  # the progress bar stays off: its output is a pipe, not a terminal
-        proc = subprocess.Popen(cmd, cwd=_common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=_common.REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         evals = []
         for line in proc.stdout:
             now = time.perf_counter() - t0
@@ -56,11 +71,17 @@ def main():
     for now, step, train_loss, val_loss in evals:
         print(f"# {now:7.1f} {step:5d} {train_loss:10.4f} {val_loss:9.4f}")
     within = [e for e in evals if e[0] <= args.budget]
-    print(f"# process wall time {total:.1f} s; last val loss within {args.budget:.0f} s: "
-          f"{within[-1][3] if within else float('nan'):.4f}")
+    print(
+        f"# process wall time {total:.1f} s; last val loss within {args.budget:.0f} s: "
+        f"{within[-1][3] if within else float('nan'):.4f}"
+    )
     common = {"bench": "quickstart", "label": args.label, "train_args": args.train_args}
     for now, step, train_loss, val_loss in evals:
-        print(json.dumps({**common, "metric": "val_loss", "step": step, "seconds": round(now, 1), "value": val_loss}))
+        print(
+            json.dumps(
+                {**common, "metric": "val_loss", "step": step, "seconds": round(now, 1), "value": val_loss}
+            )
+        )
     print(json.dumps({**common, "metric": "process_s", "value": round(total, 1), "unit": "s"}))
 
 

@@ -10,16 +10,16 @@ Weight-bandwidth bound per token = float32 param_bytes / read bandwidth, where r
 fastest of: a jitted sum over a large array (bytes read / s), and half of each copy bandwidth (a jitted
 copy into a donated buffer, numpy.copyto; counted as (bytes read + written) / s).
 """
+
 import argparse
 import functools
 import time
 
 import _common
-from _common import Report, median
-
 import jax  # after _common, which puts the repository on sys.path
 import jax.numpy as jnp
 import numpy as np
+from _common import Report, median
 from jax import lax
 
 from configs import iliad_char
@@ -29,7 +29,7 @@ from orpheus_jax.sampler import WEIGHTS, Sampler, cast_weights
 
 def bandwidth(reps: int, mib: int) -> dict:
     """Samples in bytes/s over a float32 array of `mib` MiB: copies count bytes read + written."""
-    n = mib * 2 ** 20 // 4
+    n = mib * 2**20 // 4
     src_N, dst_N = jnp.ones((n,), jnp.float32), jnp.zeros((n,), jnp.float32)
     # Donating the destination lets XLA write in place; a fresh output buffer runs several times slower.
     copy = jax.jit(lambda dst_N, src_N: dst_N.at[:].set(src_N), donate_argnums=0)
@@ -42,9 +42,11 @@ def bandwidth(reps: int, mib: int) -> dict:
 
     src_np, dst_np = np.ones(n, np.float32), np.zeros(n, np.float32)
     timed = lambda fn: _common.time_calls(fn, reps, warmup=2)  # noqa: E731
-    return dict(jax_copy=[8 * n / t for t in timed(jax_copy)],
-                numpy_copy=[8 * n / t for t in timed(lambda: np.copyto(dst_np, src_np))],
-                jax_read=[4 * n / t for t in timed(lambda: read(src_N).block_until_ready())])
+    return dict(
+        jax_copy=[8 * n / t for t in timed(jax_copy)],
+        numpy_copy=[8 * n / t for t in timed(lambda: np.copyto(dst_np, src_np))],
+        jax_read=[4 * n / t for t in timed(lambda: read(src_N).block_until_ready())],
+    )
 
 
 class NaiveSampler:
@@ -84,11 +86,22 @@ def main():
     ap.add_argument("--batch", default="1,16", help="batch sizes (rows), comma-separated")
     ap.add_argument("--reps", type=int, default=3, help="timed generations per setting")
     ap.add_argument("--chunk", type=int, default=128, help="Sampler chunk: tokens per decode call")
-    ap.add_argument("--weights", default="float32", help=f"weight types of the cached sampler, comma-separated: "
-                    f"{', '.join(WEIGHTS)}")
-    ap.add_argument("--shift", type=int, default=None, help="Sampler shift (default: block_size // 2; 1 = the seed's crop)")
-    ap.add_argument("--naive_new", default="500", help="new tokens for the naive sampler (its cost per token "
-                    "is fixed, so longer runs only cost time)")
+    ap.add_argument(
+        "--weights",
+        default="float32",
+        help=f"weight types of the cached sampler, comma-separated: {', '.join(WEIGHTS)}",
+    )
+    ap.add_argument(
+        "--shift",
+        type=int,
+        default=None,
+        help="Sampler shift (default: block_size // 2; 1 = the seed's crop)",
+    )
+    ap.add_argument(
+        "--naive_new",
+        default="500",
+        help="new tokens for the naive sampler (its cost per token is fixed, so longer runs only cost time)",
+    )
     ap.add_argument("--naive_batch", default="1", help="batch sizes for the naive sampler ('' to skip it)")
     ap.add_argument("--positions", default="10,250", help="positions at which to time a single decode step")
     ap.add_argument("--bw_mib", type=int, default=128, help="array size for the bandwidth measurements")
@@ -113,27 +126,50 @@ def main():
     bw_samples = bandwidth(max(args.reps, 5), args.bw_mib)
     bw = {name: median(samples) for name, samples in bw_samples.items()}
     for name, samples in bw_samples.items():
-        report.add("bandwidth_gb_per_s", bw[name] / 1e9, "GB/s", dict(kind=name), [b / 1e9 for b in samples],
-                   note=f"{'(read + written)' if 'copy' in name else 'bytes read'} / s, {args.bw_mib} MiB float32")
+        report.add(
+            "bandwidth_gb_per_s",
+            bw[name] / 1e9,
+            "GB/s",
+            dict(kind=name),
+            [b / 1e9 for b in samples],
+            note=f"{'(read + written)' if 'copy' in name else 'bytes read'} / s, {args.bw_mib} MiB float32",
+        )
     # Read bandwidth: the fastest of a direct read (a sum) and half of each copy's (read + written) rate;
     # the fastest, because the bound is a floor on time per token.
-    read_bw, read_source = max((bw["jax_read"], "jax_read"), (bw["jax_copy"] / 2, "jax_copy / 2"),
-                               (bw["numpy_copy"] / 2, "numpy_copy / 2"))
+    read_bw, read_source = max(
+        (bw["jax_read"], "jax_read"),
+        (bw["jax_copy"] / 2, "jax_copy / 2"),
+        (bw["numpy_copy"] / 2, "numpy_copy / 2"),
+    )
     bound_s = {}
     for w in sorted(set(weight_types) | {"float32"}):
         nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cast_weights(params, w)))
         bound_s[w] = nbytes / read_bw
-        report.add("weight_bound_ms_per_token", bound_s[w] * 1e3, "ms", dict(weights=w, batch=1), param_bytes=nbytes,
-                   read_gb_per_s=read_bw / 1e9, note=f"param bytes / read bandwidth ({read_source})")
+        report.add(
+            "weight_bound_ms_per_token",
+            bound_s[w] * 1e3,
+            "ms",
+            dict(weights=w, batch=1),
+            param_bytes=nbytes,
+            read_gb_per_s=read_bw / 1e9,
+            note=f"param bytes / read bandwidth ({read_source})",
+        )
 
     def add_speed(sampler_name, batch, new, times, weights="float32"):
         labels = dict(sampler=sampler_name, weights=weights, batch=batch, new=new)
-        report.add("tokens_per_s", median([batch * new / t for t in times]), "tok/s", labels,
-                   [batch * new / t for t in times])
+        report.add(
+            "tokens_per_s",
+            median([batch * new / t for t in times]),
+            "tok/s",
+            labels,
+            [batch * new / t for t in times],
+        )
         ms = median(times) / new * 1e3
         report.add("ms_per_step", ms, "ms", labels, note="wall time / new tokens (one step serves the batch)")
         if batch == 1:
-            report.add("x_weight_bound", ms / 1e3 / bound_s[weights], "", labels, note="ms_per_step / weight bound")
+            report.add(
+                "x_weight_bound", ms / 1e3 / bound_s[weights], "", labels, note="ms_per_step / weight bound"
+            )
 
     # Every (batch, weights) sampler is built and compiled first; the timed generations then take
     # turns (one repetition of each setting per round), so a load that comes and goes hits all alike.
@@ -146,7 +182,9 @@ def main():
     for _ in range(args.reps):
         for (batch, w), sampler in samplers.items():
             for new in new_list:
-                times[batch, w, new] += _common.time_calls(lambda: list(sampler.generate([newline], new)), 1, warmup=0)
+                times[batch, w, new] += _common.time_calls(
+                    lambda: list(sampler.generate([newline], new)), 1, warmup=0
+                )
     for (batch, w, new), samples in times.items():
         add_speed("cached", batch, new, samples, w)
 
@@ -156,21 +194,39 @@ def main():
             prompt = tokens[:pos]
             step_times = []
             for _ in range(args.latency_reps + 1):  # the first is a warm-up
-                state, _ = jax.block_until_ready(sampler.start(prompt))  # decode donates the state: prefill anew
+                state, _ = jax.block_until_ready(
+                    sampler.start(prompt)
+                )  # decode donates the state: prefill anew
                 t0 = time.perf_counter()
                 sampler.decode(state, 1)
                 step_times.append(time.perf_counter() - t0)
             labels = dict(sampler="cached", weights=w, batch=batch, position=pos)
-            report.add("step_latency_ms", median(step_times[1:]) * 1e3, "ms", labels, [t * 1e3 for t in step_times[1:]])
+            report.add(
+                "step_latency_ms",
+                median(step_times[1:]) * 1e3,
+                "ms",
+                labels,
+                [t * 1e3 for t in step_times[1:]],
+            )
             if batch == 1:
-                report.add("x_weight_bound", median(step_times[1:]) / bound_s[w], "", labels,
-                           note="step latency / weight bound")
+                report.add(
+                    "x_weight_bound",
+                    median(step_times[1:]) / bound_s[w],
+                    "",
+                    labels,
+                    note="step latency / weight bound",
+                )
 
     for batch in naive_batches:
         naive = NaiveSampler(model_cfg, params, batch)
         naive.generate(newline, 2)  # compile
         for new in naive_new:
-            add_speed("naive", batch, new, _common.time_calls(lambda: naive.generate(newline, new), args.reps, warmup=0))
+            add_speed(
+                "naive",
+                batch,
+                new,
+                _common.time_calls(lambda: naive.generate(newline, new), args.reps, warmup=0),
+            )
     report.print()
 
 

@@ -18,6 +18,7 @@
   idle device, waiting for its all-reduce: dispatch, collective and read, an upper bound of what a
   poll can add when the loop already waits for the previous call.
 """
+
 import argparse
 import os
 import sys
@@ -26,7 +27,9 @@ import sys
 def parse():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
-    ap.add_argument("--configs", default="seed,small", help="comma-separated: seed, small (as bench_train.py)")
+    ap.add_argument(
+        "--configs", default="seed,small", help="comma-separated: seed, small (as bench_train.py)"
+    )
     ap.add_argument("--calls", type=int, default=6, help="timed calls per repetition (0: memory only)")
     ap.add_argument("--reps", type=int, default=2, help="alternating repetitions of each variant")
     return ap.parse_args()
@@ -52,8 +55,9 @@ from orpheus_jax.optim import make_optimizer  # noqa: E402
 from orpheus_jax.sharding import make_mesh  # noqa: E402
 from orpheus_jax.train import init_state, make_train_step, state_shardings  # noqa: E402
 
-
-COLLECTIVE = re.compile(r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(")
+COLLECTIVE = re.compile(
+    r"= (.*?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\("
+)
 SHAPE = re.compile(r"(pred|[suf]\d+|bf16)\[([\d,]*)\]")
 
 
@@ -94,8 +98,10 @@ def main():
             cfg, _ = make_config(name, [f"param_sharding={param_sharding}", "steps_per_call=1"])
             model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
             optimizer = make_optimizer(cfg)
-            state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer),
-                            out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh))()
+            state = jax.jit(
+                lambda: init_state(cfg, model_cfg, optimizer),
+                out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh),
+            )()
             train_tokens, _ = data.split(tokens.astype(np.uint8), cfg.val_fraction, cfg.block_size)
             source = data.to_device(train_tokens, mesh)
             step = make_train_step(cfg, model_cfg, optimizer, mesh).lower(state, source, 1).compile()
@@ -127,8 +133,12 @@ def main():
             cfg = run["cfg"]
             labels = {"config": name, "param_sharding": param_sharding}
             report.add("step_s", statistics.median(run["times"]), "s", labels, samples=run["times"])
-            report.add("tokens_per_s", cfg.batch_size * cfg.block_size / statistics.median(run["times"]), "tok/s",
-                       labels)
+            report.add(
+                "tokens_per_s",
+                cfg.batch_size * cfg.block_size / statistics.median(run["times"]),
+                "tok/s",
+                labels,
+            )
         bench_stop_poll(report, name, runs["replicated"])
     report.print()
 
@@ -158,10 +168,21 @@ def bench_stop_poll(report, name, run):
             np.asarray(pending["loss"])
             per_call[variant].append((time.perf_counter() - t0) / ARGS.calls)
     cost = statistics.median(per_call["with"]) - statistics.median(per_call["without"])
-    report.add("stop_poll_us", cost * 1e6, "us", {"config": name, "measured": "loop difference"},
-               call_s_without=statistics.median(per_call["without"]), call_s_with=statistics.median(per_call["with"]))
-    report.add("stop_poll_us", statistics.median(idle) * 1e6, "us", {"config": name, "measured": "idle poll"},
-               samples=[s * 1e6 for s in idle])
+    report.add(
+        "stop_poll_us",
+        cost * 1e6,
+        "us",
+        {"config": name, "measured": "loop difference"},
+        call_s_without=statistics.median(per_call["without"]),
+        call_s_with=statistics.median(per_call["with"]),
+    )
+    report.add(
+        "stop_poll_us",
+        statistics.median(idle) * 1e6,
+        "us",
+        {"config": name, "measured": "idle poll"},
+        samples=[s * 1e6 for s in idle],
+    )
 
 
 if __name__ == "__main__":

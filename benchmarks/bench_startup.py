@@ -14,6 +14,7 @@ one would take. The first run fills the caches (the compiled
 programs and parameters sample.py keeps) and is not counted; `--cold` starts it from an empty
 $ORPHEUS_CACHE and reports it too.
 """
+
 import argparse
 import os
 import resource
@@ -60,8 +61,13 @@ def timed_run(cmd: list[str], prompt: bytes) -> dict:
     if proc.returncode != 0 or first_char is None:
         sys.exit(f"sample.py failed ({proc.returncode}): {' '.join(cmd)}\n{stderr.decode()[-2000:]}")
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return dict(first_byte_s=first_byte, first_char_s=first_char, exit_s=exit_s, cpu_first_char_s=cpu_first_char,
-                cpu_s=cpu_s)
+    return dict(
+        first_byte_s=first_byte,
+        first_char_s=first_char,
+        exit_s=exit_s,
+        cpu_first_char_s=cpu_first_char,
+        cpu_s=cpu_s,
+    )
 
 
 def main():
@@ -70,18 +76,33 @@ def main():
     ap.add_argument("--reps", type=int, default=5, help="timed runs after the one that warms the cache")
     ap.add_argument("--prompt", default="Achilles")
     ap.add_argument("--max_new_tokens", type=int, default=300)
-    ap.add_argument("--cold", action="store_true",
-                    help="start from an empty compilation cache (a fresh $ORPHEUS_CACHE) and report that run too")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="start from an empty compilation cache (a fresh $ORPHEUS_CACHE) and report that run too",
+    )
     ap.add_argument("extra", nargs="*", help="more sample.py arguments, after --, e.g. -- --weights int8")
     args = ap.parse_args()
-    cmd = [sys.executable, "sample.py", "--workdir", os.path.abspath(args.workdir), "--stream", "--prompt",
-           args.prompt, "--max_new_tokens", str(args.max_new_tokens)] + args.extra
+    cmd = [
+        sys.executable,
+        "sample.py",
+        "--workdir",
+        os.path.abspath(args.workdir),
+        "--stream",
+        "--prompt",
+        args.prompt,
+        "--max_new_tokens",
+        str(args.max_new_tokens),
+    ] + args.extra
     report = Report("startup", **_common.machine_info())
     labels = dict(args=" ".join(args.extra) or "(defaults)", new=args.max_new_tokens)
-    notes = {"first_byte_s": "launch to the first stdout byte (the prompt)",
-             "first_char_s": "launch to the first generated character", "exit_s": "launch to exit",
-             "cpu_first_char_s": "user + system CPU time of the process when its first generated character arrives",
-             "cpu_s": "user + system CPU time of the whole process"}
+    notes = {
+        "first_byte_s": "launch to the first stdout byte (the prompt)",
+        "first_char_s": "launch to the first generated character",
+        "exit_s": "launch to exit",
+        "cpu_first_char_s": "user + system CPU time of the process when its first generated character arrives",
+        "cpu_s": "user + system CPU time of the whole process",
+    }
     with tempfile.TemporaryDirectory(prefix="orpheus-startup-") as tmp:
         if args.cold:  # a fresh cache: no compiled programs, no kept samplers
             os.environ["ORPHEUS_CACHE"] = tmp

@@ -16,6 +16,7 @@ writes it to a file (after each step too). --smoke runs a tiny version on the CP
 tiny config, a few new tokens, the reference's small config without --compile, and only if torch is
 importable.
 """
+
 import argparse
 import json
 import os
@@ -37,8 +38,10 @@ def run(cmd: list[str], env=None) -> tuple[str, float]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        sys.exit(f"error: command failed ({proc.returncode}): {' '.join(cmd)}\n"
-                 f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        sys.exit(
+            f"error: command failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc.stdout, wall
 
 
@@ -56,7 +59,9 @@ def json_lines(text: str) -> list[dict]:
 
 def summarize_training(records: list[dict], run_config: dict) -> dict:
     """Figures of a finished train.py run from its metrics.jsonl records and config.json."""
-    tokens_per_step = run_config["batch_size"] * run_config["block_size"] * run_config.get("grad_accum_steps", 1)
+    tokens_per_step = (
+        run_config["batch_size"] * run_config["block_size"] * run_config.get("grad_accum_steps", 1)
+    )
     logs = [r for r in records if r.get("tokens_per_s")]
     evals = [r for r in records if "val_loss" in r]
     training_s, previous = 0.0, 0
@@ -64,11 +69,14 @@ def summarize_training(records: list[dict], run_config: dict) -> dict:
         training_s += (r["step"] - previous) * tokens_per_step / r["tokens_per_s"]
         previous = r["step"]
     mfus = [r["mfu"] for r in logs if r.get("mfu") is not None]
-    return dict(steps=logs[-1]["step"] if logs else 0, training_s=training_s,
-                tokens_per_s=statistics.median(r["tokens_per_s"] for r in logs) if logs else None,
-                mfu=statistics.median(mfus) if mfus else None,
-                final_val_loss=evals[-1]["val_loss"] if evals else None,
-                final_train_loss=evals[-1]["train_loss"] if evals else None)
+    return dict(
+        steps=logs[-1]["step"] if logs else 0,
+        training_s=training_s,
+        tokens_per_s=statistics.median(r["tokens_per_s"] for r in logs) if logs else None,
+        mfu=statistics.median(mfus) if mfus else None,
+        final_val_loss=evals[-1]["val_loss"] if evals else None,
+        final_train_loss=evals[-1]["train_loss"] if evals else None,
+    )
 
 
 def train_run(py: str, train_args: list[str], workdir: str | None = None, xla_flags: str | None = None):
@@ -84,8 +92,12 @@ def train_run(py: str, train_args: list[str], workdir: str | None = None, xla_fl
             run_config = json.load(f)
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]
-    return dict(summarize_training(records, run_config), process_s=wall,
-                compile_s=float(compiled.group(1)) if compiled else None, dtype=run_config["dtype"]), run_config
+    return dict(
+        summarize_training(records, run_config),
+        process_s=wall,
+        compile_s=float(compiled.group(1)) if compiled else None,
+        dtype=run_config["dtype"],
+    ), run_config
 
 
 def compare(figures: dict) -> dict:
@@ -105,7 +117,9 @@ def compare(figures: dict) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a tiny CPU version of every step")
-    ap.add_argument("--torch_reference", default=os.path.join(REPO, "..", "shared", "bench", "torch_reference.py"))
+    ap.add_argument(
+        "--torch_reference", default=os.path.join(REPO, "..", "shared", "bench", "torch_reference.py")
+    )
     ap.add_argument("--workdir", default=None, help="the training run's directory (default: a temporary one)")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
@@ -119,31 +133,76 @@ def main():
                 json.dump(figures, f, indent=1)
 
     # Which device and software: from a subprocess, so this process never holds the accelerator.
-    out, _ = run([py, "-c", "import json, platform, jax; d = jax.devices()[0]; print(json.dumps(dict("
-                  "backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(), "
-                  "jax=jax.__version__, python=platform.python_version())))"])
+    out, _ = run(
+        [
+            py,
+            "-c",
+            "import json, platform, jax; d = jax.devices()[0]; print(json.dumps(dict("
+            "backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(), "
+            "jax=jax.__version__, python=platform.python_version())))",
+        ]
+    )
     figures["machine"] = json_lines(out)[-1]
 
     # 1. Training, as a user runs it; then without deterministic kernels.
-    config = (["--config", "configs/tiny.py", "--config.max_iters=10"] if args.smoke else
-              ["--config", "configs/iliad_char.py", "--config.dtype=bfloat16"])
+    config = (
+        ["--config", "configs/tiny.py", "--config.max_iters=10"]
+        if args.smoke
+        else ["--config", "configs/iliad_char.py", "--config.dtype=bfloat16"]
+    )
     figures["train"], run_config = train_run(py, [*config, "--data", data], args.workdir)
     save()
     xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=false".strip()
     figures["train_nondeterministic"], _ = train_run(
-        py, [*config, "--data", data, "--config.max_iters=" + ("10" if args.smoke else "1500")], xla_flags=xla_flags)
+        py,
+        [*config, "--data", data, "--config.max_iters=" + ("10" if args.smoke else "1500")],
+        xla_flags=xla_flags,
+    )
     figures["deterministic_tokens_per_s_ratio"] = (
-        figures["train"]["tokens_per_s"] / figures["train_nondeterministic"]["tokens_per_s"])
+        figures["train"]["tokens_per_s"] / figures["train_nondeterministic"]["tokens_per_s"]
+    )
     save()
 
     # 2. Sampling speed of the cached sampler (seed-sized model, random weights).
-    sample_args = (["--new", "4", "--batch", "1", "--reps", "1", "--positions", "10", "--latency_reps", "1",
-                    "--bw_mib", "4", "--naive_batch", ""] if args.smoke else
-                   ["--new", "500", "--batch", "1,16", "--reps", "3", "--naive_batch", "1", "--naive_new", "500",
-                    "--weights", "float32,bfloat16,int8"])
+    sample_args = (
+        [
+            "--new",
+            "4",
+            "--batch",
+            "1",
+            "--reps",
+            "1",
+            "--positions",
+            "10",
+            "--latency_reps",
+            "1",
+            "--bw_mib",
+            "4",
+            "--naive_batch",
+            "",
+        ]
+        if args.smoke
+        else [
+            "--new",
+            "500",
+            "--batch",
+            "1,16",
+            "--reps",
+            "3",
+            "--naive_batch",
+            "1",
+            "--naive_new",
+            "500",
+            "--weights",
+            "float32,bfloat16,int8",
+        ]
+    )
     out, _ = run([py, "benchmarks/bench_sample.py", *sample_args])
-    figures["sample"] = {f"{r['sampler']}_{r['weights']}_batch{r['batch']}": r["value"] for r in json_lines(out)
-                         if r.get("metric") == "tokens_per_s"}
+    figures["sample"] = {
+        f"{r['sampler']}_{r['weights']}_batch{r['batch']}": r["value"]
+        for r in json_lines(out)
+        if r.get("metric") == "tokens_per_s"
+    }
     save()
 
     # 3. The PyTorch reference, where torch is installed.
@@ -151,21 +210,33 @@ def main():
     if not os.path.exists(args.torch_reference) or not has_torch:
         figures["torch_skipped"] = "no torch" if not has_torch else f"no {args.torch_reference}"
     else:
-        common = (["--config", "small", "--device", "cpu", "--steps", "2", "--warmup", "1"] if args.smoke else
-                  ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--steps", "50", "--warmup", "10"])
-        variants = {"torch_seed": ["--impl", "seed"],
-                    "torch_fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"])}
+        common = (
+            ["--config", "small", "--device", "cpu", "--steps", "2", "--warmup", "1"]
+            if args.smoke
+            else ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--steps", "50", "--warmup", "10"]
+        )
+        variants = {
+            "torch_seed": ["--impl", "seed"],
+            "torch_fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"]),
+        }
         figures["torch_train"] = {}
         for name, extra in variants.items():
-            out, _ = run([py, args.torch_reference, "train", *common, *extra], env=dict(os.environ, ORPHEUS_DATA=data))
+            out, _ = run(
+                [py, args.torch_reference, "train", *common, *extra], env=dict(os.environ, ORPHEUS_DATA=data)
+            )
             figures["torch_train"][name.removeprefix("torch_")] = json_lines(out)[-1]
             save()
         figures["torch_sample"] = {}
-        gen = (["--config", "small", "--device", "cpu", "--new", "8", "--reps", "1"] if args.smoke else
-               ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--new", "500", "--reps", "3"])
+        gen = (
+            ["--config", "small", "--device", "cpu", "--new", "8", "--reps", "1"]
+            if args.smoke
+            else ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--new", "500", "--reps", "3"]
+        )
         for batch in (1, 2) if args.smoke else (1, 16):
-            out, _ = run([py, args.torch_reference, "generate", *gen, "--batch", str(batch)],
-                         env=dict(os.environ, ORPHEUS_DATA=data))
+            out, _ = run(
+                [py, args.torch_reference, "generate", *gen, "--batch", str(batch)],
+                env=dict(os.environ, ORPHEUS_DATA=data),
+            )
             figures["torch_sample"][f"seed_batch{batch}"] = json_lines(out)[-1]["tokens_per_s"]
             save()
     figures.update(compare(figures))
@@ -173,16 +244,22 @@ def main():
     t = figures["train"]
     fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
     if args.smoke:
-        print("# SMOKE RUN: tiny sizes on a CPU, JAX and PyTorch on different configs: "
-              "no figure or goal below means anything")
+        print(
+            "# SMOKE RUN: tiny sizes on a CPU, JAX and PyTorch on different configs: "
+            "no figure or goal below means anything"
+        )
     print(f"# device: {figures['machine']}")
-    print(f"# train.py {run_config['n_layer']}x{run_config['n_head']}x{run_config['n_embd']} {t['dtype']}, "
-          f"{t['steps']} steps: process {t['process_s']:.1f} s (compile {fmt(t['compile_s'], '.1f')} s), "
-          f"training {t['training_s']:.1f} s, {fmt(t['tokens_per_s'], ',.0f')} tok/s (median), MFU "
-          f"{fmt(t['mfu'], '.1%')}, final val loss {fmt(t['final_val_loss'], '.4f')}")
+    print(
+        f"# train.py {run_config['n_layer']}x{run_config['n_head']}x{run_config['n_embd']} {t['dtype']}, "
+        f"{t['steps']} steps: process {t['process_s']:.1f} s (compile {fmt(t['compile_s'], '.1f')} s), "
+        f"training {t['training_s']:.1f} s, {fmt(t['tokens_per_s'], ',.0f')} tok/s (median), MFU "
+        f"{fmt(t['mfu'], '.1%')}, final val loss {fmt(t['final_val_loss'], '.4f')}"
+    )
     n = figures["train_nondeterministic"]
-    print(f"# train.py without deterministic GPU kernels, {n['steps']} steps: {fmt(n['tokens_per_s'], ',.0f')} tok/s "
-          f"(median); with them / without: {figures['deterministic_tokens_per_s_ratio']:.3f}")
+    print(
+        f"# train.py without deterministic GPU kernels, {n['steps']} steps: {fmt(n['tokens_per_s'], ',.0f')} tok/s "
+        f"(median); with them / without: {figures['deterministic_tokens_per_s_ratio']:.3f}"
+    )
     for key, tok_s in figures["sample"].items():
         print(f"# sampling {key}: {tok_s:,.0f} tok/s")
     for name, r in figures.get("torch_train", {}).items():
@@ -193,7 +270,9 @@ def main():
         print(f"# torch reference skipped: {figures['torch_skipped']}")
     for key, g in figures["goals"].items():
         state = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
-        print(f"# goal {key} {'<' if key == 'training_s' else '>='} {g['goal']}: {fmt(g['value'], '.3g')} ({state})")
+        print(
+            f"# goal {key} {'<' if key == 'training_s' else '>='} {g['goal']}: {fmt(g['value'], '.3g')} ({state})"
+        )
     print(json.dumps(figures))
     save()
 

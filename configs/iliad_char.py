@@ -2,6 +2,7 @@
 
 Every key a run reads is here; other configs start from this one and change a few.
 """
+
 import ml_collections
 
 
@@ -27,7 +28,9 @@ def get_config():
     c.learning_rate = 3e-4
     c.min_lr = 3e-5
     c.warmup_iters = 100
-    c.lr_decay_iters = 0  # cosine reaches min_lr here; 0 = at max_iters (fix it to resume with more iters unchanged)
+    c.lr_decay_iters = (
+        0  # cosine reaches min_lr here; 0 = at max_iters (fix it to resume with more iters unchanged)
+    )
     c.weight_decay = 0.1  # on Dense kernels only: not biases, LayerNorm or embeddings
     c.beta1 = 0.9
     c.beta2 = 0.99
@@ -49,6 +52,8 @@ def get_config():
     # small shape on 2 CPU cores, +1% for the seed's on an H100); intervals need not be multiples of it.
     c.steps_per_call = 5
     c.param_sharding = "replicated"  # or "fsdp": parameters and optimizer state sharded over the devices
-    c.device_data_budget = 512 * 2**20  # bytes of a split held on every device; a larger split is batched on the host
+    c.device_data_budget = (
+        512 * 2**20
+    )  # bytes of a split held on every device; a larger split is batched on the host
     c.cpu_dots = "onednn"  # CPU train/eval matmuls in oneDNN (up to 23% faster steps; not kept in the compile cache); or "xla"
     return c

@@ -1,4 +1,5 @@
 """CPU preset: the seed's architecture scaled to train in about 10 minutes on a 2-core machine."""
+
 from configs import iliad_char
 
 

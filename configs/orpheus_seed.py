@@ -4,6 +4,7 @@ Adam with PyTorch's defaults (betas 0.9/0.999, eps 1e-8, no weight decay) at a c
 seed's `learning_rate = 3e-4` variable is never used), no warmup, no clipping, scores scaled by
 n_embd**-0.5, seed 1234. Architecture, batch, iterations and evaluation are iliad_char.py's.
 """
+
 from configs import iliad_char
 
 

@@ -1,4 +1,5 @@
 """A model small enough for tests: a few seconds on a CPU."""
+
 from configs import iliad_char
 
 

@@ -9,6 +9,7 @@ positions per layer) go in and come back. When they are full, the last block_siz
 are prefilled again, as sample.py does, so with --temperature 0 the text is sample.py's greedy text
 (same --shift). With a temperature, draws come from NumPy's generator: other text than sample.py's.
 """
+
 import argparse
 import json
 import sys
@@ -58,14 +59,24 @@ def main(argv):
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    prefill, step = (ort.InferenceSession(f, providers=["CPUExecutionProvider"]) for f in (args.prefill, args.step))
+    prefill, step = (
+        ort.InferenceSession(f, providers=["CPUExecutionProvider"]) for f in (args.prefill, args.step)
+    )
     chars = json.loads(prefill.get_modelmeta().custom_metadata_map["vocab"])
     prompt = args.prompt or "\n"
     unknown = sorted(set(prompt) - set(chars))
     if unknown:
         sys.exit(f"error: characters not in the vocabulary: {', '.join(map(repr, unknown))}")
-    ids = generate(prefill, step, [chars.index(c) for c in prompt], args.max_new_tokens, args.shift,
-                   args.temperature, args.top_k, args.seed)
+    ids = generate(
+        prefill,
+        step,
+        [chars.index(c) for c in prompt],
+        args.max_new_tokens,
+        args.shift,
+        args.temperature,
+        args.top_k,
+        args.seed,
+    )
     print(prompt + "".join(chars[i] for i in ids))
 
 

@@ -17,6 +17,7 @@ def os_reason(e: OSError) -> str:
 def write_atomically(path: str, text: str) -> None:
     """Write via a temporary file and a rename, so a reader never sees half a file."""
     import os
+
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
@@ -32,6 +33,7 @@ def deterministic_gpu_ops() -> None:
     exactly as the uninterrupted one. A choice already in XLA_FLAGS is kept. CPUs and TPUs are
     deterministic anyway."""
     import os
+
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_deterministic_ops" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_gpu_deterministic_ops=true".strip()

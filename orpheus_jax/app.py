@@ -6,6 +6,7 @@ own decode state and its own random key, so each browser session gets its own te
 imported only here (requirements-app.txt); analytics are off and the theme uses system fonts, so
 neither start nor use makes a request beyond this machine.
 """
+
 import os
 import secrets
 
@@ -36,8 +37,9 @@ class TextStreamer:
     def __init__(self, run, chunk: int = CHUNK):
         self.tokenizer = run.tokenizer
         mesh = make_mesh(jax.devices()[:1])  # batch 1: one device; replicating it would only repeat the work
-        self.sampler = Sampler(run.model_cfg, run.params, batch_size=1, chunk=chunk, prng_impl=run.cfg.prng_impl,
-                               mesh=mesh)
+        self.sampler = Sampler(
+            run.model_cfg, run.params, batch_size=1, chunk=chunk, prng_impl=run.cfg.prng_impl, mesh=mesh
+        )
         # Compile prefill, refill and decode now: a full buffer refills before its first character.
         for _ in self.sampler.generate([0] * run.model_cfg.block_size, 1):
             pass
@@ -49,13 +51,17 @@ class TextStreamer:
         try:
             ids = self.tokenizer.encode(prompt)
         except OrpheusError as e:
-            raise InputError(f"The prompt has {e}; the model knows only the characters of its training text.") from None
+            raise InputError(
+                f"The prompt has {e}; the model knows only the characters of its training text."
+            ) from None
         try:
             length, temperature, top_k, top_p = int(length), float(temperature), int(top_k), float(top_p)
         except (TypeError, ValueError):
             raise InputError("The settings must be numbers.") from None
         if not 1 <= length <= MAX_CHARS:
-            raise InputError(f"The number of characters to generate must be between 1 and {MAX_CHARS}, got {length}.")
+            raise InputError(
+                f"The number of characters to generate must be between 1 and {MAX_CHARS}, got {length}."
+            )
         if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
             raise InputError("Temperature and top-k must be >= 0, and top-p in (0, 1].")
         return ids, length, temperature, top_k, top_p
@@ -83,16 +89,38 @@ def build_demo(streamer: TextStreamer):
     vocab = streamer.tokenizer.vocab_size
     return gr.Interface(
         fn=generate,
-        inputs=[gr.Textbox(label="Prompt", placeholder="Sing, O goddess, the anger of Achilles", lines=2),
-                gr.Slider(1, MAX_CHARS, value=DEFAULT_CHARS, step=1, label="Number of characters to generate")],
+        inputs=[
+            gr.Textbox(label="Prompt", placeholder="Sing, O goddess, the anger of Achilles", lines=2),
+            gr.Slider(1, MAX_CHARS, value=DEFAULT_CHARS, step=1, label="Number of characters to generate"),
+        ],
         additional_inputs=[
-            gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature", info="0: always the most likely character"),
-            gr.Slider(0, vocab, value=0, step=1, label="Top-k", info="keep the k most likely characters (0: all)"),
-            gr.Slider(0.01, 1.0, value=1.0, step=0.01, label="Top-p", info="keep the smallest set holding this probability"),
+            gr.Slider(
+                0.0,
+                2.0,
+                value=1.0,
+                step=0.05,
+                label="Temperature",
+                info="0: always the most likely character",
+            ),
+            gr.Slider(
+                0, vocab, value=0, step=1, label="Top-k", info="keep the k most likely characters (0: all)"
+            ),
+            gr.Slider(
+                0.01,
+                1.0,
+                value=1.0,
+                step=0.01,
+                label="Top-p",
+                info="keep the smallest set holding this probability",
+            ),
         ],
         outputs=gr.Textbox(label="Generated Text", lines=12, max_lines=40),
-        title=TITLE, description=DESCRIPTION, flagging_mode="never", api_name="generate",
-        concurrency_limit=CONCURRENCY, analytics_enabled=False,
+        title=TITLE,
+        description=DESCRIPTION,
+        flagging_mode="never",
+        api_name="generate",
+        concurrency_limit=CONCURRENCY,
+        analytics_enabled=False,
     )
 
 
@@ -101,7 +129,16 @@ def launch(demo, host: str | None, port: int | None) -> None:
 
     # System fonts: the default theme's are served by Gradio itself, but a font list keeps any
     # theme change from reaching for Google Fonts.
-    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
-                              font_mono=["ui-monospace", "Consolas", "monospace"])
-    demo.launch(server_name=host, server_port=port, theme=theme, ssr_mode=False, pwa=False, mcp_server=False,
-                share=False, show_error=True)
+    theme = gr.themes.Default(
+        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "Consolas", "monospace"]
+    )
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        theme=theme,
+        ssr_mode=False,
+        pwa=False,
+        mcp_server=False,
+        share=False,
+        show_error=True,
+    )

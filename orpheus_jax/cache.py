@@ -1,4 +1,5 @@
 """Per-user cache: the downloaded corpus and JAX's persistent compilation cache."""
+
 import os
 
 import jax

@@ -9,6 +9,7 @@ lock that keeps it to one run at a time, and loading a trained run for use (para
     <workdir>/lock             who is training in it (pid, host); held with flock while they do
     <workdir>/checkpoints/<step>/state   Orbax checkpoints (params, optimizer state, step, rng)
 """
+
 import contextlib
 import dataclasses
 import datetime
@@ -22,13 +23,15 @@ import traceback
 
 import jax
 
-from orpheus_jax import OrpheusError, config as config_lib, os_reason
+from orpheus_jax import OrpheusError, os_reason
+from orpheus_jax import config as config_lib
 from orpheus_jax.tokenizer import CharTokenizer
 
 
 def _orbax():
     # Imported on first use: a sampler started from the user cache reads no checkpoint (sampler.py).
     import orbax.checkpoint as ocp
+
     return ocp
 
 
@@ -62,12 +65,18 @@ def find_step(workdir: str, step: int | None = None) -> int:
         raise OrpheusError(f"no such workdir: {workdir}")
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
-        raise OrpheusError(f"no checkpoints in {workdir}: train first with python train.py --workdir {workdir}")
+        raise OrpheusError(
+            f"no checkpoints in {workdir}: train first with python train.py --workdir {workdir}"
+        )
     steps = complete_steps(directory)
     if not steps:
-        raise OrpheusError(f"no checkpoint in {workdir}: train first with python train.py --workdir {workdir}")
+        raise OrpheusError(
+            f"no checkpoint in {workdir}: train first with python train.py --workdir {workdir}"
+        )
     if step is not None and step not in steps:
-        raise OrpheusError(f"no checkpoint at step {step} in {directory} (have: {', '.join(map(str, steps))})")
+        raise OrpheusError(
+            f"no checkpoint at step {step} in {directory} (have: {', '.join(map(str, steps))})"
+        )
     return steps[-1] if step is None else step
 
 
@@ -78,10 +87,14 @@ def fingerprint(workdir: str, step: int) -> str:
     for path in (config_path(workdir), tokenizer_path(workdir)):
         with open(path, "rb") as f:
             parts.append(f.read().decode("utf-8", "replace"))
-    for root, dirs, files in sorted(os.walk(os.path.join(os.path.abspath(workdir), "checkpoints", str(step)))):
+    for root, dirs, files in sorted(
+        os.walk(os.path.join(os.path.abspath(workdir), "checkpoints", str(step)))
+    ):
         for name in sorted(files):
             st = os.stat(os.path.join(root, name))
-            parts.append(f"{os.path.relpath(os.path.join(root, name), workdir)} {st.st_size} {st.st_mtime_ns}")
+            parts.append(
+                f"{os.path.relpath(os.path.join(root, name), workdir)} {st.st_size} {st.st_mtime_ns}"
+            )
     return "\n".join(parts)
 
 
@@ -91,12 +104,18 @@ class Checkpointer:
     def __init__(self, workdir: str, max_to_keep: int = 3, *, create: bool = True):
         directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         if not create and not os.path.isdir(directory):
-            raise OrpheusError(f"no checkpoints in {workdir}: train first with python train.py --workdir {workdir}")
+            raise OrpheusError(
+                f"no checkpoints in {workdir}: train first with python train.py --workdir {workdir}"
+            )
         # Only the training process (create=True, holding the workdir lock) may clear what a killed
         # save left behind: a reader doing it could delete a save in progress.
         ocp = _orbax()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=True,
-                                               create=create, cleanup_tmp_directories=create)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            enable_async_checkpointing=True,
+            create=create,
+            cleanup_tmp_directories=create,
+        )
         try:
             self._manager = ocp.CheckpointManager(directory, options=options)
         except Exception as e:  # a file where the directory should be, unreadable metadata, ...
@@ -119,8 +138,11 @@ class Checkpointer:
     def intact(self) -> str:
         """Which checkpoint a user can resume from, for error messages."""
         steps = [s for s in self.complete_steps() if s != self._saving]
-        return (f"the last complete checkpoint, step {steps[-1]}, is intact" if steps
-                else "no complete checkpoint exists yet")
+        return (
+            f"the last complete checkpoint, step {steps[-1]}, is intact"
+            if steps
+            else "no complete checkpoint exists yet"
+        )
 
     def save(self, step: int, state) -> None:
         """Start an async save; it finishes in the background (see wait)."""
@@ -142,27 +164,36 @@ class Checkpointer:
 
     def _write_error(self, e: Exception) -> OrpheusError:
         step = f" {self._saving}" if self._saving is not None else ""
-        return OrpheusError(f"cannot write checkpoint{step} in {self.directory}: {_os_reason(e)}; {self.intact()}")
+        return OrpheusError(
+            f"cannot write checkpoint{step} in {self.directory}: {_os_reason(e)}; {self.intact()}"
+        )
 
     def restore(self, step: int, abstract_state, *, partial: bool = False):
         """Restore onto the shardings of `abstract_state` (a pytree of jax.ShapeDtypeStruct).
 
         partial: `abstract_state` names only part of the saved state (a dict with some of its keys)."""
         if step not in self._manager.all_steps():
-            raise OrpheusError(f"no checkpoint at step {step} in {self.directory} "
-                               f"(have: {', '.join(map(str, self.all_steps())) or 'none'})")
+            raise OrpheusError(
+                f"no checkpoint at step {step} in {self.directory} "
+                f"(have: {', '.join(map(str, self.all_steps())) or 'none'})"
+            )
         ocp = _orbax()
         if partial:
-            args = ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True,
-                                          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+            args = ocp.args.PyTreeRestore(
+                item=abstract_state,
+                partial_restore=True,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+            )
         else:
             args = ocp.args.StandardRestore(abstract_state)
         try:
             with _quiet_stderr():
                 restored = self._manager.restore(step, args=ocp.args.Composite(state=args))
         except Exception as e:  # truncated files, missing arrays, wrong shapes: not ours to fix
-            raise OrpheusError(f"cannot restore checkpoint {os.path.join(self.directory, str(step))}: "
-                               f"{_one_line(e)} (move it aside to resume from an earlier one)") from None
+            raise OrpheusError(
+                f"cannot restore checkpoint {os.path.join(self.directory, str(step))}: "
+                f"{_one_line(e)} (move it aside to resume from an earlier one)"
+            ) from None
         return restored["state"]
 
     def close(self) -> None:
@@ -199,6 +230,7 @@ def _silence_orbax_background_failures() -> None:
         exc = unraisable.exc_value
         if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"):
             previous(unraisable)
+
     hook._orpheus = True
     sys.unraisablehook = hook
     logging.getLogger("asyncio").addFilter(_drop_orbax_task_errors)
@@ -233,6 +265,7 @@ class TrainedRun:
     @property
     def model_cfg(self):
         from orpheus_jax.model import GPTConfig
+
         return GPTConfig.from_run_config(self.cfg, self.tokenizer.vocab_size)
 
 
@@ -241,6 +274,7 @@ def load_run(workdir: str, step: int | None = None, sharding=None) -> TrainedRun
 
     sharding: where the parameters go (default: replicated over all devices)."""
     from orpheus_jax.model import GPTConfig, init_params
+
     step = find_step(workdir, step)
     ckpt = Checkpointer(workdir, create=False)
     cfg = config_lib.load(config_path(workdir))
@@ -248,6 +282,7 @@ def load_run(workdir: str, step: int | None = None, sharding=None) -> TrainedRun
     model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
     if sharding is None:
         from orpheus_jax.sharding import make_mesh, replicated
+
         sharding = replicated(make_mesh())
     shapes = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
     state = ckpt.restore(step, {"params": abstract_like(shapes, sharding)}, partial=True)
@@ -269,21 +304,26 @@ class WorkdirLock:
             os.makedirs(workdir, exist_ok=True)
             self._file = open(self.path, "a+")
         except OSError as e:
-            raise OrpheusError(f"cannot use workdir {workdir}: {os_reason(e)}; "
-                               "its checkpoints are untouched") from None
+            raise OrpheusError(
+                f"cannot use workdir {workdir}: {os_reason(e)}; its checkpoints are untouched"
+            ) from None
         try:
             fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = self._read() or "holder unknown"
             self._file.close()
-            raise OrpheusError(f"{workdir} is in use by another training run ({holder}); "
-                               "wait for it to finish, stop it, or use another --workdir") from None
+            raise OrpheusError(
+                f"{workdir} is in use by another training run ({holder}); "
+                "wait for it to finish, stop it, or use another --workdir"
+            ) from None
         self.previous_holder = self._read() or None
         try:
             self._file.seek(0)
             self._file.truncate()
-            self._file.write(f"pid {os.getpid()} on {socket.gethostname()}, "
-                             f"since {datetime.datetime.now().isoformat(timespec='seconds')}\n")
+            self._file.write(
+                f"pid {os.getpid()} on {socket.gethostname()}, "
+                f"since {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+            )
             self._file.flush()
         except OSError:
             pass  # the lock itself holds; only the note for a refused run is missing (a full disk)

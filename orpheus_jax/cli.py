@@ -1,4 +1,5 @@
 """What the command lines share: argparse that fails with a one-line error, and the exit path."""
+
 import argparse
 import os
 import sys
@@ -12,6 +13,7 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
 
     def error(message):
         raise OrpheusError(message)
+
     p.error = error
     return p
 

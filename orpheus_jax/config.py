@@ -3,6 +3,7 @@
 Configs are `ml_collections.ConfigDict`s with flat keys (see configs/iliad_char.py for every key and
 its meaning). `validate` is the only place that checks them; everything downstream trusts them.
 """
+
 import json
 
 import ml_collections
@@ -22,12 +23,41 @@ OPTIMIZERS = ("adamw", "muon")
 MODEL_SHAPE_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pos_encoding")
 
 REQUIRED_KEYS = (
-    "batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "learning_rate",
-    "n_layer", "n_head", "n_embd", "dropout", "seed", "min_lr", "warmup_iters", "weight_decay",
-    "beta1", "beta2", "grad_clip", "grad_accum_steps", "pos_encoding", "attn_scale", "dtype",
-    "prng_impl", "val_fraction", "checkpoint_interval", "keep_checkpoints", "log_interval",
-    "steps_per_call", "lr_decay_iters", "dropout_rng", "cpu_dots", "param_sharding", "device_data_budget", "optimizer",
-    "muon_learning_rate", "muon_weight_decay",
+    "batch_size",
+    "block_size",
+    "max_iters",
+    "eval_interval",
+    "eval_iters",
+    "learning_rate",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "dropout",
+    "seed",
+    "min_lr",
+    "warmup_iters",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "grad_clip",
+    "grad_accum_steps",
+    "pos_encoding",
+    "attn_scale",
+    "dtype",
+    "prng_impl",
+    "val_fraction",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "log_interval",
+    "steps_per_call",
+    "lr_decay_iters",
+    "dropout_rng",
+    "cpu_dots",
+    "param_sharding",
+    "device_data_budget",
+    "optimizer",
+    "muon_learning_rate",
+    "muon_weight_decay",
 )
 
 
@@ -41,12 +71,29 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if not ok:
             raise OrpheusError(f"bad config: {message}")
 
-    for key in ("batch_size", "block_size", "max_iters", "eval_interval", "eval_iters", "n_layer",
-                "n_head", "n_embd", "grad_accum_steps", "checkpoint_interval", "keep_checkpoints",
-                "log_interval", "steps_per_call"):
-        check(isinstance(cfg[key], int) and cfg[key] > 0, f"{key} must be a positive integer, got {cfg[key]!r}")
+    for key in (
+        "batch_size",
+        "block_size",
+        "max_iters",
+        "eval_interval",
+        "eval_iters",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "grad_accum_steps",
+        "checkpoint_interval",
+        "keep_checkpoints",
+        "log_interval",
+        "steps_per_call",
+    ):
+        check(
+            isinstance(cfg[key], int) and cfg[key] > 0, f"{key} must be a positive integer, got {cfg[key]!r}"
+        )
     for key in ("warmup_iters", "lr_decay_iters", "device_data_budget"):
-        check(isinstance(cfg[key], int) and cfg[key] >= 0, f"{key} must be a non-negative integer, got {cfg[key]!r}")
+        check(
+            isinstance(cfg[key], int) and cfg[key] >= 0,
+            f"{key} must be a non-negative integer, got {cfg[key]!r}",
+        )
     check(cfg.n_embd % cfg.n_head == 0, f"n_embd ({cfg.n_embd}) must be divisible by n_head ({cfg.n_head})")
     check(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
     check(cfg.learning_rate > 0, f"learning_rate must be positive, got {cfg.learning_rate}")
@@ -55,16 +102,26 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     check(cfg.muon_learning_rate > 0, f"muon_learning_rate must be positive, got {cfg.muon_learning_rate}")
     check(cfg.muon_weight_decay >= 0, f"muon_weight_decay must be non-negative, got {cfg.muon_weight_decay}")
     check(cfg.weight_decay >= 0, f"weight_decay must be non-negative, got {cfg.weight_decay}")
-    check(0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1, f"beta1 and beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}")
+    check(
+        0 <= cfg.beta1 < 1 and 0 <= cfg.beta2 < 1,
+        f"beta1 and beta2 must be in [0, 1), got {cfg.beta1}, {cfg.beta2}",
+    )
     check(cfg.grad_clip >= 0, f"grad_clip must be non-negative (0 turns clipping off), got {cfg.grad_clip}")
     check(0 < cfg.val_fraction < 1, f"val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    check(cfg.pos_encoding in POS_ENCODINGS, f"pos_encoding must be one of {POS_ENCODINGS}, got {cfg.pos_encoding!r}")
+    check(
+        cfg.pos_encoding in POS_ENCODINGS,
+        f"pos_encoding must be one of {POS_ENCODINGS}, got {cfg.pos_encoding!r}",
+    )
     check(cfg.attn_scale in ATTN_SCALES, f"attn_scale must be one of {ATTN_SCALES}, got {cfg.attn_scale!r}")
     check(cfg.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {cfg.dtype!r}")
-    check(cfg.dropout_rng in DROPOUT_RNGS, f"dropout_rng must be one of {DROPOUT_RNGS}, got {cfg.dropout_rng!r}")
+    check(
+        cfg.dropout_rng in DROPOUT_RNGS, f"dropout_rng must be one of {DROPOUT_RNGS}, got {cfg.dropout_rng!r}"
+    )
     check(cfg.cpu_dots in CPU_DOTS, f"cpu_dots must be one of {CPU_DOTS}, got {cfg.cpu_dots!r}")
-    check(cfg.param_sharding in PARAM_SHARDINGS,
-          f"param_sharding must be one of {PARAM_SHARDINGS}, got {cfg.param_sharding!r}")
+    check(
+        cfg.param_sharding in PARAM_SHARDINGS,
+        f"param_sharding must be one of {PARAM_SHARDINGS}, got {cfg.param_sharding!r}",
+    )
     check(cfg.prng_impl in PRNG_IMPLS, f"prng_impl must be one of {PRNG_IMPLS}, got {cfg.prng_impl!r}")
 
 

@@ -9,6 +9,7 @@ every device, in the token file's integer type, and the windows are cut inside t
 (sample_windows). A larger split stays on the host (HostSplit): the same keys draw the same window
 starts there, and each process reads the rows of its own devices from the token file.
 """
+
 import functools
 import mmap
 import os
@@ -48,8 +49,9 @@ def download_iliad(dest: str) -> None:
             raw = response.read().decode("utf-8-sig")
     except (urllib.error.URLError, OSError, UnicodeDecodeError) as e:
         reason = getattr(e, "reason", e)
-        raise OrpheusError(f"cannot download the Iliad from {url} ({reason}); "
-                           "pass --data FILE with a text to train on") from None
+        raise OrpheusError(
+            f"cannot download the Iliad from {url} ({reason}); pass --data FILE with a text to train on"
+        ) from None
     text = strip_gutenberg(raw)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = dest + ".part"
@@ -64,9 +66,11 @@ def strip_gutenberg(raw: str) -> str:
     start = next((i for i, line in enumerate(lines) if line.startswith("*** START OF")), None)
     end = next((i for i, line in enumerate(lines) if line.startswith("*** END OF")), None)
     if start is None or end is None or end <= start:
-        raise OrpheusError("the downloaded file has no Project Gutenberg START/END markers; "
-                           "pass --data FILE with a text to train on")
-    return "\n".join(lines[start + 1:end]).strip("\n") + "\n"
+        raise OrpheusError(
+            "the downloaded file has no Project Gutenberg START/END markers; "
+            "pass --data FILE with a text to train on"
+        )
+    return "\n".join(lines[start + 1 : end]).strip("\n") + "\n"
 
 
 def open_text(path: str, binary: bool = False):
@@ -107,12 +111,16 @@ def split(tokens: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.
     train, val = tokens[:n], tokens[n:]
     for name, part in (("training", train), ("validation", val)):
         if len(part) <= block_size:
-            raise OrpheusError(f"text too short: its {name} split has {len(part)} characters, "
-                               f"it needs more than block_size ({block_size}); "
-                               "use a longer text or a smaller --config.block_size")
+            raise OrpheusError(
+                f"text too short: its {name} split has {len(part)} characters, "
+                f"it needs more than block_size ({block_size}); "
+                "use a longer text or a smaller --config.block_size"
+            )
         if len(part) > np.iinfo(np.int32).max:  # window starts are drawn as int32
-            raise OrpheusError(f"text too long: its {name} split has {len(part):,} characters, "
-                               f"at most {np.iinfo(np.int32).max:,} are supported")
+            raise OrpheusError(
+                f"text too long: its {name} split has {len(part):,} characters, "
+                f"at most {np.iinfo(np.int32).max:,} are supported"
+            )
     return train, val
 
 
@@ -161,9 +169,11 @@ def place(tokens_N: np.ndarray, mesh, budget_bytes: int, batch_size: int, block_
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
 def _steps_window_starts(key, first_step, n_steps, grad_accum_steps, n_tokens, batch_size, block_size):
     """(n_steps, G, B) window starts of steps first_step.., as the jitted train step draws them."""
+
     def one_step(step):
         batch_keys_G, _ = step_keys(key, step, grad_accum_steps)
         return lax.map(lambda k: window_starts(k, n_tokens, batch_size, block_size), batch_keys_G)
+
     return lax.map(one_step, first_step + jnp.arange(n_steps))
 
 
@@ -182,6 +192,7 @@ class HostSplit:
     The windows are read with pread, not through the memory map: random reads through a map fault whole
     (large) page-cache folios into the process, about 1.7 MB of RSS per window on the kernel measured, so
     the RSS of a long run would grow to the size of the file."""
+
     DRAW_STEPS = 1024  # train steps drawn at once: on a CPU-only host, a draw waits for the device
 
     def __init__(self, tokens_N: np.memmap, mesh, batch_size: int, block_size: int):
@@ -192,27 +203,39 @@ class HostSplit:
         self._cpu = jax.local_devices(backend="cpu")[0]
         self._drawn = (0, np.zeros((0, 0, batch_size), np.int32))  # (first step, starts_NGB)
 
-    def train_windows(self, key: jax.Array, first_step: int, n_steps: int, grad_accum_steps: int) -> jax.Array:
+    def train_windows(
+        self, key: jax.Array, first_step: int, n_steps: int, grad_accum_steps: int
+    ) -> jax.Array:
         """windows_NGBW of steps first_step .. first_step + n_steps - 1 (key: the run's train key)."""
         first, starts = self._drawn
         if not first <= first_step <= first_step + n_steps <= first + len(starts):
-            starts = np.asarray(_steps_window_starts(jax.device_put(key, self._cpu), first_step,
-                                                     max(n_steps, self.DRAW_STEPS), grad_accum_steps,
-                                                     self.shape[0], self._batch_size, self._block_size))
+            starts = np.asarray(
+                _steps_window_starts(
+                    jax.device_put(key, self._cpu),
+                    first_step,
+                    max(n_steps, self.DRAW_STEPS),
+                    grad_accum_steps,
+                    self.shape[0],
+                    self._batch_size,
+                    self._block_size,
+                )
+            )
             first, self._drawn = first_step, (first_step, starts)
-        return self._cut(starts[first_step - first:first_step - first + n_steps])
+        return self._cut(starts[first_step - first : first_step - first + n_steps])
 
     def eval_windows(self, keys_C: jax.Array) -> jax.Array:
         """windows_CBW of one batch per key, as sample_windows draws them."""
-        starts = _keys_window_starts(jax.device_put(keys_C, self._cpu), self.shape[0], self._batch_size,
-                                     self._block_size)
+        starts = _keys_window_starts(
+            jax.device_put(keys_C, self._cpu), self.shape[0], self._batch_size, self._block_size
+        )
         return self._cut(np.asarray(starts))
 
     def _cut(self, starts_xB: np.ndarray) -> jax.Array:
         width = self._block_size + 1
         sharding = batch_sharded(self._mesh, batch_axis=starts_xB.ndim - 1)
-        return jax.make_array_from_callback(starts_xB.shape + (width,), sharding,
-                                            lambda index: self._read(starts_xB[index[:-1]], width))
+        return jax.make_array_from_callback(
+            starts_xB.shape + (width,), sharding, lambda index: self._read(starts_xB[index[:-1]], width)
+        )
 
     def _read(self, starts: np.ndarray, width: int) -> np.ndarray:
         windows = np.empty(starts.shape + (width,), self.dtype)

@@ -6,6 +6,7 @@ through a coordinator (process 0); its heartbeats end the run when a process die
 terminated by JAX ("... another task died") within `heartbeat_timeout_seconds`, or at once when the
 coordinator is the one that died.
 """
+
 import signal
 
 import jax
@@ -15,8 +16,14 @@ from orpheus_jax import OrpheusError
 from orpheus_jax.sharding import batch_sharded, replicated
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, *, auto: bool = False, heartbeat_timeout_seconds: int = 100) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    auto: bool = False,
+    heartbeat_timeout_seconds: int = 100,
+) -> None:
     """Join a multi-process run; must come before anything touches a device. Does nothing for a
     single process (no arguments and not `auto`).
 
@@ -32,12 +39,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(
-            coordinator_address, num_processes, process_id, heartbeat_timeout_seconds=heartbeat_timeout_seconds,
-            cluster_detection_method="deactivate" if None not in given else None)
+            coordinator_address,
+            num_processes,
+            process_id,
+            heartbeat_timeout_seconds=heartbeat_timeout_seconds,
+            cluster_detection_method="deactivate" if None not in given else None,
+        )
     except Exception as e:  # no coordinator within the timeout, a bad address, no cluster detected, ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        hint = ("; --distributed works where JAX detects the cluster (TPU pod slices, SLURM, Open MPI, Kubernetes), "
-                "elsewhere pass --coordinator_address, --num_processes and --process_id") if auto else ""
+        hint = (
+            (
+                "; --distributed works where JAX detects the cluster (TPU pod slices, SLURM, Open MPI, Kubernetes), "
+                "elsewhere pass --coordinator_address, --num_processes and --process_id"
+            )
+            if auto
+            else ""
+        )
         raise OrpheusError(f"cannot join the multi-process run: {reason}{hint}") from None
 
 
@@ -75,7 +92,8 @@ class StopAgreement:
             flags = batch_sharded(mesh)
             # This process's signal number on each of its devices; made once per value, reused every poll.
             self._flags = lambda value: jax.make_array_from_callback(
-                (n,), flags, lambda index: np.full(len(range(n)[index[0]]), value, np.int32))
+                (n,), flags, lambda index: np.full(len(range(n)[index[0]]), value, np.int32)
+            )
             self._cache = {}
             self._reduce = jax.jit(lambda flags_N: flags_N.max(), out_shardings=replicated(mesh))
 

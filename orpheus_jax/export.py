@@ -15,6 +15,7 @@ step:     input int64 [batch_size, 1], position int64 [] (where input goes), pas
 L = block_size: like the sampler, the key/value buffers hold block_size positions; sequence_length
 and position + 1 must not exceed it. Each file's metadata holds the vocabulary (JSON) and sizes.
 """
+
 import json
 
 import jax.numpy as jnp
@@ -47,11 +48,18 @@ class _Graph:
         return out
 
     def dense(self, x, p, kernel_2d=None, out=None) -> str:
-        y = self.op("MatMul", x, self.const(kernel_2d if kernel_2d is not None else p["kernel"]), out=None if "bias" in p else out)
+        y = self.op(
+            "MatMul",
+            x,
+            self.const(kernel_2d if kernel_2d is not None else p["kernel"]),
+            out=None if "bias" in p else out,
+        )
         return self.op("Add", y, self.const(p["bias"]), out=out) if "bias" in p else y
 
     def layer_norm(self, x, p) -> str:
-        return self.op("LayerNormalization", x, self.const(p["scale"]), self.const(p["bias"]), axis=-1, epsilon=1e-5)
+        return self.op(
+            "LayerNormalization", x, self.const(p["scale"]), self.const(p["bias"]), axis=-1, epsilon=1e-5
+        )
 
 
 def _f32(params):
@@ -65,13 +73,16 @@ def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
     h_BTD = g.layer_norm(x_BTD, p["ln1"])
     heads = {}
     for name in ("query", "key", "value"):
-        y_BTHK = g.op("Reshape", g.dense(h_BTD, {}, p["attn"][name]["kernel"].reshape(D, H * K)),
-                      g.const(np.array([0, 0, H, K], np.int64)))
+        y_BTHK = g.op(
+            "Reshape",
+            g.dense(h_BTD, {}, p["attn"][name]["kernel"].reshape(D, H * K)),
+            g.const(np.array([0, 0, H, K], np.int64)),
+        )
         heads[name] = g.op("Transpose", y_BTHK, perm=[0, 2, 1, 3])  # B, H, T, K
     k_BHSK, v_BHSK = heads["key"], heads["value"]
     if write is not None:
         k_BHSK, v_BHSK = write("key", k_BHSK), write("value", v_BHSK)
-    scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
+    scale = c.head_size**-0.5 if c.attn_scale == "head" else c.n_embd**-0.5
     if write is None:
         scores_BHTS = g.op("MatMul", heads["query"], g.op("Transpose", k_BHSK, perm=[0, 1, 3, 2]))
     else:  # transpose the query and the scores, not the whole buffer: at one query they are tiny
@@ -79,12 +90,19 @@ def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
         scores_BHTS = g.op("Transpose", scores_BHST, perm=[0, 1, 3, 2])
     scores_BHTS = g.op("Mul", scores_BHTS, g.const(np.float32(scale)))
     # Causal by absolute position, as model.py: keys past the query (unwritten or stale) are masked too.
-    visible_TS = g.op("LessOrEqual", g.op("Unsqueeze", pos_S, g.const(np.array([0], np.int64))),
-                      g.op("Unsqueeze", pos_T, g.const(np.array([1], np.int64))))
+    visible_TS = g.op(
+        "LessOrEqual",
+        g.op("Unsqueeze", pos_S, g.const(np.array([0], np.int64))),
+        g.op("Unsqueeze", pos_T, g.const(np.array([1], np.int64))),
+    )
     scores_BHTS = g.op("Where", visible_TS, scores_BHTS, g.const(np.float32(np.finfo(np.float32).min)))
     out_BHTK = g.op("MatMul", g.op("Softmax", scores_BHTS, axis=-1), v_BHSK)
-    out_BTD = g.op("Reshape", g.op("Transpose", out_BHTK, perm=[0, 2, 1, 3]), g.const(np.array([0, 0, D], np.int64)))
-    x_BTD = g.op("Add", x_BTD, g.dense(out_BTD, p["attn"]["proj"], p["attn"]["proj"]["kernel"].reshape(H * K, D)))
+    out_BTD = g.op(
+        "Reshape", g.op("Transpose", out_BHTK, perm=[0, 2, 1, 3]), g.const(np.array([0, 0, D], np.int64))
+    )
+    x_BTD = g.op(
+        "Add", x_BTD, g.dense(out_BTD, p["attn"]["proj"], p["attn"]["proj"]["kernel"].reshape(H * K, D))
+    )
     h_BTF = g.op("Relu", g.dense(g.layer_norm(x_BTD, p["ln2"]), p["mlp"]["fc"]))
     return g.op("Add", x_BTD, g.dense(h_BTF, p["mlp"]["out"]))
 
@@ -94,12 +112,18 @@ def _embed(g: _Graph, c: GPTConfig, params, input_BT, pos_T) -> str:
         table_LD = params["wpe"]["embedding"]
     else:  # the same table model.py computes, for the positions a buffer can hold
         table_LD = np.asarray(sinusoidal_positions(jnp.arange(c.block_size), c.n_embd), np.float32)
-    return g.op("Add", g.op("Gather", g.const(params["wte"]["embedding"]), input_BT), g.op("Gather", g.const(table_LD), pos_T))
+    return g.op(
+        "Add",
+        g.op("Gather", g.const(params["wte"]["embedding"]), input_BT),
+        g.op("Gather", g.const(table_LD), pos_T),
+    )
 
 
 def _model(g, name, graph_inputs, outputs, metadata) -> onnx.ModelProto:
     graph = helper.make_graph(g.nodes, name, graph_inputs, outputs, g.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="orpheus_jax")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="orpheus_jax"
+    )
     model.ir_version = 8  # readable by ONNX Runtime >= 1.11
     helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
     onnx.checker.check_model(model)
@@ -107,8 +131,13 @@ def _model(g, name, graph_inputs, outputs, metadata) -> onnx.ModelProto:
 
 
 def _metadata(c: GPTConfig, chars: str) -> dict:
-    return {"vocab": json.dumps(chars), "block_size": c.block_size, "n_layer": c.n_layer, "n_head": c.n_head,
-            "head_size": c.head_size}
+    return {
+        "vocab": json.dumps(chars),
+        "block_size": c.block_size,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "head_size": c.head_size,
+    }
 
 
 def forward_model(c: GPTConfig, params, chars: str) -> onnx.ModelProto:
@@ -121,7 +150,9 @@ def forward_model(c: GPTConfig, params, chars: str) -> onnx.ModelProto:
         x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_T)
     g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"], out="output")
     tokens = helper.make_tensor_value_info("input", TensorProto.INT64, ["batch_size", "sequence_length"])
-    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])
+    out = helper.make_tensor_value_info(
+        "output", TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size]
+    )
     return _model(g, "orpheus_forward", [tokens], [out], _metadata(c, chars))
 
 
@@ -131,40 +162,70 @@ def decode_model(c: GPTConfig, params, chars: str, *, step: bool) -> onnx.ModelP
     H, L, K = c.n_head, c.block_size, c.head_size
     buffer_shape = ["batch_size", H, L, K]
     shape_BT = g.op("Shape", "input")
-    start = g.op("Reshape", "position", g.const(np.array([1], np.int64))) if step else g.const(np.array([0], np.int64))
-    seq_len = g.op("Slice", shape_BT, g.const(np.array([1], np.int64)), g.const(np.array([2], np.int64)))  # [1]
-    pos_T = g.op("Range", g.op("Squeeze", start), g.op("Squeeze", g.op("Add", start, seq_len)), g.const(np.int64(1)))
+    start = (
+        g.op("Reshape", "position", g.const(np.array([1], np.int64)))
+        if step
+        else g.const(np.array([0], np.int64))
+    )
+    seq_len = g.op(
+        "Slice", shape_BT, g.const(np.array([1], np.int64)), g.const(np.array([2], np.int64))
+    )  # [1]
+    pos_T = g.op(
+        "Range", g.op("Squeeze", start), g.op("Squeeze", g.op("Add", start, seq_len)), g.const(np.int64(1))
+    )
     pos_S = g.const(np.arange(L, dtype=np.int64))
     if not step:  # the prompt goes into empty buffers
         batch = g.op("Slice", shape_BT, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)))
-        zeros_BHLK = g.op("ConstantOfShape", g.op("Concat", batch, g.const(np.array([H, L, K], np.int64)), axis=0),
-                          value=numpy_helper.from_array(np.zeros(1, np.float32)))
-    graph_inputs = [helper.make_tensor_value_info("input", TensorProto.INT64, ["batch_size", 1 if step else "sequence_length"])]
+        zeros_BHLK = g.op(
+            "ConstantOfShape",
+            g.op("Concat", batch, g.const(np.array([H, L, K], np.int64)), axis=0),
+            value=numpy_helper.from_array(np.zeros(1, np.float32)),
+        )
+    graph_inputs = [
+        helper.make_tensor_value_info(
+            "input", TensorProto.INT64, ["batch_size", 1 if step else "sequence_length"]
+        )
+    ]
     if step:
         graph_inputs.append(helper.make_tensor_value_info("position", TensorProto.INT64, []))
     outputs, at = [], {}
     x_BTD = _embed(g, c, params, "input", pos_T)
     for i in range(c.n_layer):
+
         def write(name, new_BHTK, i=i):
             """Rows pos_T of the buffer along its L axis: a scatter, as the sampler's dynamic_update_slice."""
             if "index_BHTK" not in at:  # every layer's chunk has the same shape
-                at["index_BHTK"] = g.op("Expand", g.op("Reshape", pos_T, g.const(np.array([1, 1, -1, 1], np.int64))),
-                                        g.op("Shape", new_BHTK))
+                at["index_BHTK"] = g.op(
+                    "Expand",
+                    g.op("Reshape", pos_T, g.const(np.array([1, 1, -1, 1], np.int64))),
+                    g.op("Shape", new_BHTK),
+                )
             past = f"past.{i}.{name}" if step else zeros_BHLK
             if step:
                 graph_inputs.append(helper.make_tensor_value_info(past, TensorProto.FLOAT, buffer_shape))
-            outputs.append(helper.make_tensor_value_info(f"present.{i}.{name}", TensorProto.FLOAT, buffer_shape))
-            return g.op("ScatterElements", past, at["index_BHTK"], new_BHTK, axis=2, out=f"present.{i}.{name}")
+            outputs.append(
+                helper.make_tensor_value_info(f"present.{i}.{name}", TensorProto.FLOAT, buffer_shape)
+            )
+            return g.op(
+                "ScatterElements", past, at["index_BHTK"], new_BHTK, axis=2, out=f"present.{i}.{name}"
+            )
+
         x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_S, write)
     g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"], out="logits")
-    outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                    ["batch_size", 1 if step else "sequence_length", c.vocab_size]))
-    return _model(g, "orpheus_step" if step else "orpheus_prefill", graph_inputs, outputs, _metadata(c, chars))
+    outputs.insert(
+        0,
+        helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["batch_size", 1 if step else "sequence_length", c.vocab_size]
+        ),
+    )
+    return _model(
+        g, "orpheus_step" if step else "orpheus_prefill", graph_inputs, outputs, _metadata(c, chars)
+    )
 
 
 def decode_paths(onnx_path: str) -> tuple[str, str]:
     """Where --decode writes the prefill and step graphs: beside the forward file."""
-    stem = onnx_path[:-len(".onnx")] if onnx_path.endswith(".onnx") else onnx_path
+    stem = onnx_path[: -len(".onnx")] if onnx_path.endswith(".onnx") else onnx_path
     return stem + ".prefill.onnx", stem + ".step.onnx"
 
 
@@ -175,8 +236,10 @@ def export_run(run, onnx_path: str, decode: bool = False) -> list[str]:
     models = [(onnx_path, forward_model(c, params, chars))]
     if decode:
         prefill_path, step_path = decode_paths(onnx_path)
-        models += [(prefill_path, decode_model(c, params, chars, step=False)),
-                   (step_path, decode_model(c, params, chars, step=True))]
+        models += [
+            (prefill_path, decode_model(c, params, chars, step=False)),
+            (step_path, decode_model(c, params, chars, step=True)),
+        ]
     for path, model in models:
         try:
             onnx.save(model, path)

@@ -7,6 +7,7 @@ JSON reader takes the file). The same numbers go to TensorBoard event files, wri
 tensorboardX (no TensorFlow), under the tags of TENSORBOARD_TAGS; so does text (the sample of every
 evaluation), which only TensorBoard gets.
 """
+
 import json
 import math
 import os
@@ -85,19 +86,30 @@ class MetricsLog:
 
     path None: write nothing (the processes of a multi-process run other than process 0)."""
 
-    def __init__(self, path: str | None, resume_step: int | None, *, tensorboard_dir: str | None = None,
-                 plot_path: str | None = None):
+    def __init__(
+        self,
+        path: str | None,
+        resume_step: int | None,
+        *,
+        tensorboard_dir: str | None = None,
+        plot_path: str | None = None,
+    ):
         self.path, self.plot_path = path, plot_path
         if path and os.path.exists(path):
             # A run killed after its last checkpoint logged steps that the resumed run logs again:
             # keep each step once. A fresh start (no checkpoint) keeps nothing.
-            kept = [] if resume_step is None else [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+            kept = (
+                []
+                if resume_step is None
+                else [r for r in read_jsonl(path) if r.get("step", 0) <= resume_step]
+            )
             write_atomically(path, "".join(map(_line, kept)))
         try:
             self._events = _EventFile(tensorboard_dir, resume_step) if tensorboard_dir else None
         except OSError as e:
-            raise WriteError(f"cannot write TensorBoard events in {tensorboard_dir}: "
-                             f"{os_reason(e)}") from None
+            raise WriteError(
+                f"cannot write TensorBoard events in {tensorboard_dir}: {os_reason(e)}"
+            ) from None
 
     def write(self, step: int, **values) -> None:
         """One record; values that are None (e.g. an MFU without a known peak) are left out."""
@@ -123,8 +135,10 @@ class MetricsLog:
     def plot(self) -> None:
         """Redraw the loss plot (if it has a path) from everything metrics.jsonl holds."""
         if self.plot_path:
-            plot_losses({os.path.basename(os.path.dirname(os.path.abspath(self.path))): read_jsonl(self.path)},
-                        self.plot_path)
+            plot_losses(
+                {os.path.basename(os.path.dirname(os.path.abspath(self.path))): read_jsonl(self.path)},
+                self.plot_path,
+            )
 
 
 class _EventFile:
@@ -136,6 +150,7 @@ class _EventFile:
         from tensorboardX import summary
         from tensorboardX.event_file_writer import EventsWriter
         from tensorboardX.proto.event_pb2 import Event, SessionLog
+
         self._summary, self._Event = summary, Event
         os.makedirs(directory, exist_ok=True)
         # A new file per (re)start; the suffix orders two starts within the same second.
@@ -143,11 +158,18 @@ class _EventFile:
         # TensorBoard drops the events of earlier files from this step on (SummaryWriter's
         # purge_step): what a killed run logged after its checkpoint disappears, as from the JSONL.
         purge_step = 0 if resume_step is None else resume_step + 1
-        self._writer.write_event(Event(wall_time=time.time(), step=purge_step,
-                                       session_log=SessionLog(status=SessionLog.START)))
+        self._writer.write_event(
+            Event(wall_time=time.time(), step=purge_step, session_log=SessionLog(status=SessionLog.START))
+        )
         # The three losses on one chart (TensorBoard's "Custom Scalars" tab).
-        layout = {"losses": {"train and val": ["Multiline", [TENSORBOARD_TAGS[k] for k in
-                                                              ("loss", "train_loss", "val_loss")]]}}
+        layout = {
+            "losses": {
+                "train and val": [
+                    "Multiline",
+                    [TENSORBOARD_TAGS[k] for k in ("loss", "train_loss", "val_loss")],
+                ]
+            }
+        }
         self._writer.write_event(Event(wall_time=time.time(), summary=summary.custom_scalars(layout)))
         self._writer.flush()
 
@@ -156,8 +178,11 @@ class _EventFile:
         for key, value in values.items():
             tag = TENSORBOARD_TAGS.get(key, key)
             # TensorBoard renders text as Markdown: a code block keeps a sample's line breaks.
-            summary = (self._summary.text(tag, f"```\n{value}\n```") if isinstance(value, str)
-                       else self._summary.scalar(tag, value))
+            summary = (
+                self._summary.text(tag, f"```\n{value}\n```")
+                if isinstance(value, str)
+                else self._summary.scalar(tag, value)
+            )
             self._writer.write_event(self._Event(wall_time=now, step=step, summary=summary))
         self._writer.flush()
 
@@ -181,7 +206,14 @@ def plot_losses(runs: dict[str, list[dict]], path: str):
         if batch:
             ax.plot(*zip(*batch), color=color, alpha=0.3, linewidth=1, label=f"{prefix}train (logged batch)")
         if train:
-            ax.plot(*zip(*train), color=color, linestyle="--", marker="o", markersize=3, label=f"{prefix}train (eval)")
+            ax.plot(
+                *zip(*train),
+                color=color,
+                linestyle="--",
+                marker="o",
+                markersize=3,
+                label=f"{prefix}train (eval)",
+            )
         if val:
             ax.plot(*zip(*val), color=color, marker="o", markersize=4, label=f"{prefix}val (eval)")
     ax.set_xlabel("step")

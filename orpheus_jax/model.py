@@ -7,6 +7,7 @@ prefills a prompt block by block and decodes token by token with the same blocks
 Shape suffixes: B batch, T query positions, S key positions, L buffer length (= block_size),
 D n_embd, H heads, K head size, N = B*H (attention batch), F MLP width, V vocabulary.
 """
+
 import dataclasses
 import math
 
@@ -33,7 +34,9 @@ class GPTConfig:
     pos_encoding: str = "learned"  # or "sinusoidal"
     attn_scale: str = "head"  # scores * head_size**-0.5; "embd": * n_embd**-0.5, as the seed's code
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    dropout_rng: str = "jax"  # or "hash" (the config files' default): bits from a counter hash, ~30x cheaper on CPU;
+    dropout_rng: str = (
+        "jax"  # or "hash" (the config files' default): bits from a counter hash, ~30x cheaper on CPU;
+    )
     # "jax" here is what runs saved before the key existed used
     kv_block: int = 64  # cached attention reads the key/value buffer in blocks of this many positions
 
@@ -79,6 +82,7 @@ def hash_bits(shape, seed_2) -> jax.Array:
 
 class Dropout(nn.Module):
     """Inverted dropout, with its bits from JAX's PRNG (as nn.Dropout) or from `hash_bits`."""
+
     rate: float
     rng: str = "jax"
 
@@ -88,7 +92,9 @@ class Dropout(nn.Module):
             return x
         key = self.make_rng("dropout")
         if self.rng == "hash":
-            keep = hash_bits(x.shape, jax.random.bits(key, (2,), jnp.uint32)) >= jnp.uint32(round(self.rate * 2**32))
+            keep = hash_bits(x.shape, jax.random.bits(key, (2,), jnp.uint32)) >= jnp.uint32(
+                round(self.rate * 2**32)
+            )
         else:
             keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
@@ -115,6 +121,7 @@ class Dense(nn.Module):
     For decoding the kernel may be stored in bfloat16, or in int8 with a float32 "kernel_scale" per output
     (sampler.cast_weights); the product then runs in that type (int8: x quantized per row), so no float
     copy of the kernel is made."""
+
     features: tuple
     n_in: int = 1
     use_bias: bool = True
@@ -123,15 +130,20 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        in_shape = x.shape[x.ndim - self.n_in:]
+        in_shape = x.shape[x.ndim - self.n_in :]
         # Drawn flat and reshaped, as DenseGeneral does, so initial weights are the same.
-        kernel = self.param("kernel", lambda key, shape: _init(key, (math.prod(in_shape), math.prod(self.features)))
-                            .reshape(shape), in_shape + self.features)
+        kernel = self.param(
+            "kernel",
+            lambda key, shape: _init(key, (math.prod(in_shape), math.prod(self.features))).reshape(shape),
+            in_shape + self.features,
+        )
         out_dtype = jnp.float32 if self.f32_out else jnp.dtype(self.dtype)
         dims = ((tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in))), ((), ()))
-        rows = math.prod(x.shape[:x.ndim - self.n_in])
+        rows = math.prod(x.shape[: x.ndim - self.n_in])
         if kernel.dtype == jnp.float32:
-            y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), dims, preferred_element_type=out_dtype)
+            y = lax.dot_general(
+                x.astype(self.dtype), kernel.astype(self.dtype), dims, preferred_element_type=out_dtype
+            )
         else:
             # XLA:CPU turns a one-row product with a low-precision kernel into a float32 copy of the
             # kernel and a float32 matvec; with two rows it calls its native bf16/int8 kernels.
@@ -140,7 +152,7 @@ class Dense(nn.Module):
                 scale = self.param("kernel_scale", nn.initializers.ones, self.features)
                 x_q, x_scale = _quantize_rows(x2, self.n_in)
                 acc = lax.dot_general(x_q, kernel, dims, preferred_element_type=jnp.int32)
-                x_scale = x_scale.reshape(x_scale.shape[:x2.ndim - self.n_in] + (1,) * len(self.features))
+                x_scale = x_scale.reshape(x_scale.shape[: x2.ndim - self.n_in] + (1,) * len(self.features))
                 y2 = (acc.astype(jnp.float32) * x_scale * scale).astype(out_dtype)
             else:
                 y2 = lax.dot_general(x2.astype(kernel.dtype), kernel, dims, preferred_element_type=out_dtype)
@@ -160,19 +172,34 @@ class CausalSelfAttention(nn.Module):
         # Batch and heads merged, positions next (N = B*H): the layout of both attention matmuls. The
         # buffer is kept in it too, so its update feeds the matmul directly; any reshape in between
         # led XLA:CPU to fuse the update twice and copy every buffer at every decode step.
-        q_NTK, k_NTK, v_NTK = (Dense((H, K), use_bias=False, dtype=c.dtype, name=name)(x_BTD)
-                               .transpose(0, 2, 1, 3).reshape(B * H, T, K) for name in ("query", "key", "value"))
-        scale = c.head_size ** -0.5 if c.attn_scale == "head" else c.n_embd ** -0.5
+        q_NTK, k_NTK, v_NTK = (
+            Dense((H, K), use_bias=False, dtype=c.dtype, name=name)(x_BTD)
+            .transpose(0, 2, 1, 3)
+            .reshape(B * H, T, K)
+            for name in ("query", "key", "value")
+        )
+        scale = c.head_size**-0.5 if c.attn_scale == "head" else c.n_embd**-0.5
         start = (jnp.full((B * H, T), -jnp.inf), jnp.zeros((B * H, T)), jnp.zeros((B * H, T, K)))
 
         if kv is None:  # training / full forward: the chunk's own keys, one block
             dropout = Dropout(c.dropout, c.dropout_rng)
-            m_NT, l_NT, o_NTK = _attend_block(q_NTK, k_NTK, v_NTK, pos_T, pos_T, scale, c.dtype, start,
-                                              lambda p: dropout(p, deterministic=deterministic))
+            m_NT, l_NT, o_NTK = _attend_block(
+                q_NTK,
+                k_NTK,
+                v_NTK,
+                pos_T,
+                pos_T,
+                scale,
+                c.dtype,
+                start,
+                lambda p: dropout(p, deterministic=deterministic),
+            )
         else:  # write this chunk into the buffer at its positions, attend to the filled blocks
             at = (0, pos_T[0], 0)
-            kv = tuple(lax.dynamic_update_slice(buffer_NLK, new_NTK.astype(buffer_NLK.dtype), at)
-                       for buffer_NLK, new_NTK in zip(kv, (k_NTK, v_NTK)))
+            kv = tuple(
+                lax.dynamic_update_slice(buffer_NLK, new_NTK.astype(buffer_NLK.dtype), at)
+                for buffer_NLK, new_NTK in zip(kv, (k_NTK, v_NTK))
+            )
             m_NT, l_NT, o_NTK = _attend_filled(q_NTK, *kv, pos_T, scale, c.dtype, start, c.attention_block)
         out_NTK = (o_NTK / l_NT[..., None]).astype(c.dtype)
         out_BTHK = out_NTK.reshape(B, H, T, K).transpose(0, 2, 1, 3)
@@ -184,15 +211,22 @@ def _attend_block(q_NTK, k_NSK, v_NSK, pos_T, pos_S, scale, dtype, carry, drop=l
     """Fold one block of keys into a running softmax (flash attention's recurrence): carry = (max m_NT,
     sum l_NT, unnormalized output o_NTK), all float32. Keys after a query's position are masked."""
     m_NT, l_NT, o_NTK = carry
-    scores_NTS = jnp.einsum("ntk,nsk->nts", q_NTK, k_NSK.astype(q_NTK.dtype), preferred_element_type=jnp.float32) * scale
+    scores_NTS = (
+        jnp.einsum("ntk,nsk->nts", q_NTK, k_NSK.astype(q_NTK.dtype), preferred_element_type=jnp.float32)
+        * scale
+    )
     # Causal by absolute position: buffer slots past the query (unwritten or stale) are masked too.
     scores_NTS = jnp.where(pos_S[None, :] <= pos_T[:, None], scores_NTS, -jnp.inf)
-    new_m_NT = jnp.maximum(m_NT, scores_NTS.max(axis=-1))  # finite: every block after the first has key 0's max
+    new_m_NT = jnp.maximum(
+        m_NT, scores_NTS.max(axis=-1)
+    )  # finite: every block after the first has key 0's max
     p_NTS = jnp.exp(scores_NTS - new_m_NT[..., None])
     decay_NT = jnp.exp(m_NT - new_m_NT)
     l_NT = l_NT * decay_NT + p_NTS.sum(axis=-1)
     # Dropout on the unnormalized weights is dropout on the softmax: each row is divided by l_NT later.
-    pv_NTK = jnp.einsum("nts,nsk->ntk", drop(p_NTS.astype(dtype)), v_NSK.astype(dtype), preferred_element_type=jnp.float32)
+    pv_NTK = jnp.einsum(
+        "nts,nsk->ntk", drop(p_NTS.astype(dtype)), v_NSK.astype(dtype), preferred_element_type=jnp.float32
+    )
     return new_m_NT, l_NT, o_NTK * decay_NT[..., None] + pv_NTK
 
 
@@ -212,6 +246,7 @@ def _attend_filled(q_NTK, k_NLK, v_NLK, pos_T, scale, dtype, carry, block: int):
         first = j * block
         k_NSK, v_NSK = (lax.dynamic_slice_in_dim(b_NLK, first, block, axis=1) for b_NLK in (k_NLK, v_NLK))
         return _attend_block(q_NTK, k_NSK, v_NSK, pos_T, first + jnp.arange(block), scale, dtype, carry)
+
     return lax.fori_loop(0, n_blocks, one_block, carry)
 
 
@@ -233,9 +268,15 @@ class Block(nn.Module):
     def __call__(self, x_BTD, pos_T, kv=None, *, deterministic: bool):
         c = self.config
         h_BTD, kv = CausalSelfAttention(c, name="attn")(
-            nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln1")(x_BTD), pos_T, kv, deterministic=deterministic)
+            nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln1")(x_BTD),
+            pos_T,
+            kv,
+            deterministic=deterministic,
+        )
         x_BTD = x_BTD + h_BTD
-        x_BTD = x_BTD + MLP(c, name="mlp")(nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln2")(x_BTD), deterministic=deterministic)
+        x_BTD = x_BTD + MLP(c, name="mlp")(
+            nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln2")(x_BTD), deterministic=deterministic
+        )
         return x_BTD, kv
 
 
@@ -258,8 +299,9 @@ class GPT(nn.Module):
             x_BTD = x_BTD + sinusoidal_positions(pos_T, c.n_embd)
         new_cache = []
         for i in range(c.n_layer):
-            x_BTD, kv = Block(c, name=f"block_{i}")(x_BTD, pos_T, None if cache is None else cache[i],
-                                                    deterministic=deterministic)
+            x_BTD, kv = Block(c, name=f"block_{i}")(
+                x_BTD, pos_T, None if cache is None else cache[i], deterministic=deterministic
+            )
             new_cache.append(kv)
         x_BTD = nn.LayerNorm(epsilon=1e-5, dtype=c.dtype, name="ln_f")(x_BTD)
         logits_BTV = Dense((c.vocab_size,), dtype=c.dtype, f32_out=True, name="lm_head")(x_BTD)

@@ -15,6 +15,7 @@ in the user cache, keyed by the checkpoint, the settings, this code and jax's ve
 process loads them without importing Flax or Orbax, tracing or compiling. The model (and Flax) is
 imported only where a program is built.
 """
+
 import dataclasses
 import hashlib
 import json
@@ -75,6 +76,7 @@ def cast_weights(params, weights: str):
             else:
                 out[name], out["kernel_scale"] = quantize_int8(value, dense_input_axes(names + (name,)))
         return out
+
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     return params if weights == "float32" else cast(params, ())
@@ -99,7 +101,9 @@ def sample_tokens(logits_BV, keys_B, temperature, top_k, top_p):
     """One token per row: argmax when temperature == 0, else a draw from the filtered distribution."""
     scaled_BV = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
     # The filter sorts every row: skip it when it would keep everything (the default).
-    filtered_BV = lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, lambda l, *_: l, scaled_BV, top_k, top_p)
+    filtered_BV = lax.cond(
+        (top_k > 0) | (top_p < 1.0), filter_logits, lambda l, *_: l, scaled_BV, top_k, top_p
+    )
     drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
     return jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
 
@@ -110,16 +114,37 @@ class Sampler:
     keep_in: (a directory, a file) where each program, once compiled, and the parameters (in their
     decoding type) are stored for `Sampler.load`."""
 
-    def __init__(self, model_cfg, params, *, batch_size: int, chunk: int = 64, shift: int | None = None,
-                 prng_impl: str = "threefry2x32", weights: str = "float32", mesh=None,
-                 keep_in: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        model_cfg,
+        params,
+        *,
+        batch_size: int,
+        chunk: int = 64,
+        shift: int | None = None,
+        prng_impl: str = "threefry2x32",
+        weights: str = "float32",
+        mesh=None,
+        keep_in: tuple[str, str] | None = None,
+    ):
         self.model_cfg = model_cfg
         shift = shift or max(1, model_cfg.block_size // 2)
         if not 1 <= shift < model_cfg.block_size:
             raise ValueError(f"shift must be in [1, block_size - 1], got {shift}")
         programs_dir, params_file = keep_in or (None, None)
-        self._setup(dict(batch_size=batch_size, chunk=chunk, shift=shift, prng_impl=prng_impl, weights=weights,
-                         block_size=model_cfg.block_size, model=dataclasses.asdict(model_cfg)), mesh, programs_dir)
+        self._setup(
+            dict(
+                batch_size=batch_size,
+                chunk=chunk,
+                shift=shift,
+                prng_impl=prng_impl,
+                weights=weights,
+                block_size=model_cfg.block_size,
+                model=dataclasses.asdict(model_cfg),
+            ),
+            mesh,
+            programs_dir,
+        )
         self.use_params(params)
         if keep_in:
             _save_params(params_file, self.params)
@@ -163,8 +188,18 @@ class Sampler:
             return None
 
     @classmethod
-    def from_run(cls, workdir: str, step: int, *, batch_size: int, chunk: int = 64, shift: int | None = None,
-                 weights: str = "float32", dtype: str | None = None, mesh=None) -> "Sampler":
+    def from_run(
+        cls,
+        workdir: str,
+        step: int,
+        *,
+        batch_size: int,
+        chunk: int = 64,
+        shift: int | None = None,
+        weights: str = "float32",
+        dtype: str | None = None,
+        mesh=None,
+    ) -> "Sampler":
         """A sampler for a run's checkpoint: loaded from the user cache when an earlier process kept one
         (programs for the same run config, settings, code and jax; parameters for the same
         checkpoint and weight type), else built from the checkpoint, and kept."""
@@ -174,7 +209,9 @@ class Sampler:
         settings = dict(batch_size=batch_size, chunk=chunk, shift=shift, weights=weights, dtype=dtype)
         cache = os.path.join(user_cache_dir(), "samplers")
         programs_dir = os.path.join(cache, "programs", _cache_key(run_config, settings, mesh.devices.size))
-        params_file = os.path.join(cache, "params", _cache_key(checkpoint.fingerprint(workdir, step), weights) + ".npz")
+        params_file = os.path.join(
+            cache, "params", _cache_key(checkpoint.fingerprint(workdir, step), weights) + ".npz"
+        )
         sampler = cls.load(programs_dir, params_file, mesh)
         if sampler is None:
             run = checkpoint.load_run(workdir, step)
@@ -183,8 +220,17 @@ class Sampler:
             os.makedirs(os.path.dirname(params_file), exist_ok=True)
             for kind in ("programs", "params"):
                 _evict(os.path.join(cache, kind), KEEP_SAMPLERS)
-            sampler = cls(model_cfg, run.params, batch_size=batch_size, chunk=chunk, shift=shift,
-                          prng_impl=run.cfg.prng_impl, weights=weights, mesh=mesh, keep_in=(programs_dir, params_file))
+            sampler = cls(
+                model_cfg,
+                run.params,
+                batch_size=batch_size,
+                chunk=chunk,
+                shift=shift,
+                prng_impl=run.cfg.prng_impl,
+                weights=weights,
+                mesh=mesh,
+                keep_in=(programs_dir, params_file),
+            )
         return sampler
 
     def _program(self, name: str, *args):
@@ -201,6 +247,7 @@ class Sampler:
     def _compile(self, name: str, args):
         if self.model_cfg is None:
             from orpheus_jax.model import GPTConfig
+
             self.model_cfg = GPTConfig(**self.settings["model"])
         fn = {"prefill": self._prefill_fn, "decode": self._decode_fn, "refill": self._refill_fn}[name]
         donate = () if name == "prefill" else (1,)  # the state: its buffers are updated in place
@@ -223,11 +270,20 @@ class Sampler:
 
     def _prefill_fn(self, params, window_BL, length, seed, rows_B):
         from orpheus_jax.model import empty_cache
-        cache, logits_BV = self._fill(params, window_BL, length, empty_cache(self.model_cfg, window_BL.shape[0]))
+
+        cache, logits_BV = self._fill(
+            params, window_BL, length, empty_cache(self.model_cfg, window_BL.shape[0])
+        )
         base = jax.random.key(seed, impl=self.prng_impl)
         row_keys = jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(base, r)))(rows_B)
-        return DecodeState(cache=cache, window_BL=window_BL, length=length, logits_BV=logits_BV,
-                           row_keys=row_keys, drawn=jnp.zeros((), jnp.int32))
+        return DecodeState(
+            cache=cache,
+            window_BL=window_BL,
+            length=length,
+            logits_BV=logits_BV,
+            row_keys=row_keys,
+            drawn=jnp.zeros((), jnp.int32),
+        )
 
     def _refill_fn(self, params, state: DecodeState) -> DecodeState:
         """The buffer is full: keep its last block_size - shift tokens, prefilled again from position 0."""
@@ -244,6 +300,7 @@ class Sampler:
         Positions past `length` in the last block hold padding: never attended to (queries see only
         keys at or before their own position) and overwritten as decoding reaches them."""
         from orpheus_jax.model import forward_cached
+
         c = self.model_cfg
         block = c.attention_block
 
@@ -265,14 +322,20 @@ class Sampler:
         # every step (10x slower at batch 16); the caller refills between chunks instead.
         def body(i, carry):
             s, out_BC = carry
-            keys_B = jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k, impl=self.prng_impl),
-                                                           s.drawn))(s.row_keys)
+            keys_B = jax.vmap(
+                lambda k: jax.random.fold_in(jax.random.wrap_key_data(k, impl=self.prng_impl), s.drawn)
+            )(s.row_keys)
             token_B = sample_tokens(s.logits_BV, keys_B, temperature, top_k, top_p)
             out_BC = lax.dynamic_update_slice(out_BC, token_B[:, None], (0, i))
             logits_B1V, cache = forward_cached(self.model_cfg, params, token_B[:, None], s.cache, s.length)
             window_BL = lax.dynamic_update_slice(s.window_BL, token_B[:, None], (0, s.length))
-            s = s._replace(cache=cache, window_BL=window_BL, length=s.length + 1, logits_BV=logits_B1V[:, 0],
-                           drawn=s.drawn + 1)
+            s = s._replace(
+                cache=cache,
+                window_BL=window_BL,
+                length=s.length + 1,
+                logits_BV=logits_B1V[:, 0],
+                drawn=s.drawn + 1,
+            )
             return s, out_BC
 
         out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk), jnp.int32)
@@ -286,11 +349,17 @@ class Sampler:
         rows = np.arange(self.batch_size) if rows is None else np.asarray(rows)
         if len(rows) != self.batch_size:
             raise ValueError(f"{len(rows)} rows for a sampler of batch size {self.batch_size}")
-        prompt = np.asarray(prompt_ids, np.int32)[-self.block_size:]
+        prompt = np.asarray(prompt_ids, np.int32)[-self.block_size :]
         window_BL = np.zeros((self.batch_size, self.block_size), np.int32)
-        window_BL[:, :len(prompt)] = prompt
-        state = self._program("prefill", self.params, jax.device_put(window_BL, self._rows), np.int32(len(prompt)),
-                              np.uint32(seed), jax.device_put(rows.astype(np.uint32), self._rows))
+        window_BL[:, : len(prompt)] = prompt
+        state = self._program(
+            "prefill",
+            self.params,
+            jax.device_put(window_BL, self._rows),
+            np.int32(len(prompt)),
+            np.uint32(seed),
+            jax.device_put(rows.astype(np.uint32), self._rows),
+        )
         return state, len(prompt)
 
     def refill(self, state: DecodeState) -> tuple[DecodeState, int]:
@@ -298,12 +367,20 @@ class Sampler:
 
     def decode(self, state: DecodeState, n: int, temperature=1.0, top_k=0, top_p=1.0):
         """Draw n tokens per row, n <= chunk and n <= free buffer positions; returns (state, (B, n) NumPy)."""
-        state, out_BC = self._program("decode", self.params, state, np.int32(n), np.float32(temperature),
-                                      np.int32(top_k), np.float32(top_p))
+        state, out_BC = self._program(
+            "decode",
+            self.params,
+            state,
+            np.int32(n),
+            np.float32(temperature),
+            np.int32(top_k),
+            np.float32(top_p),
+        )
         return state, np.asarray(out_BC)[:, :n]
 
-    def generate(self, prompt_ids, max_new_tokens: int, seed: int = 0, rows=None, temperature=1.0, top_k=0,
-                 top_p=1.0):
+    def generate(
+        self, prompt_ids, max_new_tokens: int, seed: int = 0, rows=None, temperature=1.0, top_k=0, top_p=1.0
+    ):
         """Yield (B, n) arrays of new tokens, chunk by chunk, max_new_tokens in all."""
         state, length = self.start(prompt_ids, seed, rows)
         remaining, chunk = max_new_tokens, min(FIRST_CHUNK, self.chunk)
@@ -324,13 +401,24 @@ def _cache_key(*parts) -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     code = b"".join(open(os.path.join(here, name), "rb").read() for name in ("sampler.py", "model.py"))
     device = jax.devices()[0]
-    material = json.dumps([parts, hashlib.sha256(code).hexdigest(), jax.__version__, jax.lib.__version__,
-                           device.platform, device.device_kind])
+    material = json.dumps(
+        [
+            parts,
+            hashlib.sha256(code).hexdigest(),
+            jax.__version__,
+            jax.lib.__version__,
+            device.platform,
+            device.device_kind,
+        ]
+    )
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 def _save_params(path: str, params) -> None:
-    flat = {"/".join(p.key for p in keys): np.asarray(x) for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = {
+        "/".join(p.key for p in keys): np.asarray(x)
+        for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]
+    }
     tmp = path + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)

@@ -5,11 +5,13 @@ Parameters and optimizer state are either replicated on every device, or sharded
 and gathered whole for the forward and backward pass of a step (train.make_train_step), so the
 gradient is summed back onto the same shards (a reduce-scatter; XLA:CPU all-reduces, then slices).
 """
+
 import math
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from orpheus_jax import OrpheusError
 
@@ -56,5 +58,7 @@ def state_shardings(abstract_tree, mesh: Mesh, param_sharding: str):
 def check_batch_divisible(batch_size: int, mesh: Mesh) -> None:
     n = mesh.devices.size
     if batch_size % n:
-        raise OrpheusError(f"batch_size ({batch_size}) must be divisible by the number of devices ({n}); "
-                           f"try --config.batch_size={max(n, batch_size // n * n)}")
+        raise OrpheusError(
+            f"batch_size ({batch_size}) must be divisible by the number of devices ({n}); "
+            f"try --config.batch_size={max(n, batch_size // n * n)}"
+        )

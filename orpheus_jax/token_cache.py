@@ -8,6 +8,7 @@ The text is only ever read in chunks: the first run of a text reads it three tim
 ids), later runs once (hash). The ids are exactly CharTokenizer.encode of the whole text as
 data.read_text reads it (UTF-8, universal newlines).
 """
+
 import codecs
 import contextlib
 import hashlib

@@ -1,4 +1,5 @@
 """Character tokenizer: the sorted set of characters of the training text, as in the seed."""
+
 import json
 
 import numpy as np

@@ -4,6 +4,7 @@ Everything random is derived from (seed, step): the batch and the dropout masks 
 fold_in(rng, s) (data.step_keys), so a run resumed from a checkpoint at step s draws exactly what it
 would have drawn, on any number of devices and processes.
 """
+
 import functools
 import math
 import os
@@ -19,8 +20,19 @@ import optax
 from jax import lax
 from tqdm.auto import tqdm  # a widget in notebooks, the usual bar in a terminal
 
-from orpheus_jax import OrpheusError, WriteError, checkpoint, config as config_lib, data, distributed, sharding
-from orpheus_jax import metrics as metrics_lib, token_cache
+from orpheus_jax import (
+    OrpheusError,
+    WriteError,
+    checkpoint,
+    data,
+    distributed,
+    sharding,
+    token_cache,
+)
+from orpheus_jax import (
+    config as config_lib,
+)
+from orpheus_jax import metrics as metrics_lib
 from orpheus_jax.model import GPTConfig, forward, init_params
 from orpheus_jax.optim import lr_schedule, make_optimizer
 from orpheus_jax.sampler import Sampler
@@ -43,8 +55,12 @@ class TrainState:
 def init_state(cfg, model_cfg: GPTConfig, optimizer) -> TrainState:
     param_key, train_key = jax.random.split(jax.random.key(cfg.seed, impl=cfg.prng_impl))
     params = init_params(model_cfg, param_key)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(train_key))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(train_key),
+    )
 
 
 def state_shardings(cfg, model_cfg: GPTConfig, optimizer, mesh):
@@ -66,8 +82,10 @@ def loss_fn(model_cfg, params, inputs_BT, targets_BT, rng=None, deterministic=Tr
 # XLA:CPU hands each dot to oneDNN instead of its default library: 0 to 23% faster train steps
 # (benchmarks/RESULTS.md), but 2 to 3x slower batch-1 matvecs, so the sampler
 # keeps XLA's choice. Accelerators never see these options.
-ONEDNN_DOTS = {"xla_cpu_use_onednn": True,
-               "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+ONEDNN_DOTS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
 # jaxlib cannot serialize oneDNN steps, so they are compiled afresh every run; that is the known cost
 # of choosing them, not something to warn about on every start.
 warnings.filterwarnings("ignore", message=r"Error writing persistent compilation cache entry.*onednn")
@@ -97,10 +115,13 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
     batch, rep = batch_sharded(mesh), replicated(mesh)
 
     def micro_step(params, window_BW, dropout_key):
-        inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW))
+        inputs_BT, targets_BT = (
+            lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW)
+        )
         # The parameters whole for the pass (a no-op unless FSDP); their gradient is summed back onto the shards.
-        loss_of = lambda p: loss_fn(model_cfg, lax.with_sharding_constraint(p, rep), inputs_BT, targets_BT,
-                                    dropout_key, False)
+        loss_of = lambda p: loss_fn(
+            model_cfg, lax.with_sharding_constraint(p, rep), inputs_BT, targets_BT, dropout_key, False
+        )
         return jax.value_and_grad(loss_of)(params)
 
     def one_step(state: TrainState, train_data, windows_GBW):
@@ -113,12 +134,18 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
             return micro_step(params, window_BW, dropout_key)
 
         if cfg.grad_accum_steps == 1:
-            loss, grads = micro(state.params, batch_keys_G[0], dropout_keys_G[0],
-                                None if windows_GBW is None else windows_GBW[0])
+            loss, grads = micro(
+                state.params,
+                batch_keys_G[0],
+                dropout_keys_G[0],
+                None if windows_GBW is None else windows_GBW[0],
+            )
         else:  # mean of micro-batch gradients: the gradient of the mean loss over the big batch
+
             def accumulate(grads_sum, micro_xs):
                 loss, grads = micro(state.params, *micro_xs)
                 return jax.tree.map(jnp.add, grads_sum, grads), loss
+
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             grads_sum, losses = lax.scan(accumulate, zeros, (batch_keys_G, dropout_keys_G, windows_GBW))
             loss, grads = losses.mean(), jax.tree.map(lambda g: g / cfg.grad_accum_steps, grads_sum)
@@ -130,13 +157,23 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
     def train_steps(state, train_source, n_steps):
         # Several steps per call amortize dispatch for small models; the metrics come back stacked.
         on_host = train_source.ndim > 1  # windows_NGBW
-        return lax.scan(lambda s, windows_GBW: one_step(s, None if on_host else train_source, windows_GBW),
-                        state, train_source if on_host else None, length=n_steps)
+        return lax.scan(
+            lambda s, windows_GBW: one_step(s, None if on_host else train_source, windows_GBW),
+            state,
+            train_source if on_host else None,
+            length=n_steps,
+        )
 
     shardings = state_shardings(cfg, model_cfg, optimizer, mesh)
     # The source keeps the sharding it was placed with (data.to_device, or HostSplit's batch split).
-    return jax.jit(train_steps, static_argnums=2, in_shardings=(shardings, None), out_shardings=(shardings, rep),
-                   donate_argnums=0, compiler_options=compiler_options(cfg, mesh))
+    return jax.jit(
+        train_steps,
+        static_argnums=2,
+        in_shardings=(shardings, None),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+        compiler_options=compiler_options(cfg, mesh),
+    )
 
 
 def make_eval_step(cfg, model_cfg: GPTConfig, mesh):
@@ -153,16 +190,25 @@ def make_eval_step(cfg, model_cfg: GPTConfig, mesh):
             key, window_BW = xs
             if window_BW is None:
                 window_BW = data.sample_windows(source, key, cfg.batch_size, cfg.block_size)
-            inputs_BT, targets_BT = (lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW))
+            inputs_BT, targets_BT = (
+                lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW)
+            )
             return None, loss_fn(model_cfg, params, inputs_BT, targets_BT)
+
         return lax.scan(one_batch, None, (keys_C, source if on_host else None))[1]
 
     param_shardings = state_shardings(cfg, model_cfg, make_optimizer(cfg), mesh).params
-    return jax.jit(eval_losses, in_shardings=(param_shardings, None, rep), out_shardings=rep,
-                   compiler_options=compiler_options(cfg, mesh))
+    return jax.jit(
+        eval_losses,
+        in_shardings=(param_shardings, None, rep),
+        out_shardings=rep,
+        compiler_options=compiler_options(cfg, mesh),
+    )
 
 
-def estimate_loss(eval_step, params, split_data, key, eval_iters: int, should_stop=lambda: False) -> float | None:
+def estimate_loss(
+    eval_step, params, split_data, key, eval_iters: int, should_stop=lambda: False
+) -> float | None:
     """Mean loss over eval_iters batches (the seed's estimate_loss), in chunks of about EVAL_CHUNK
     batches; None if should_stop() turns true between chunks."""
     n_chunks = math.ceil(eval_iters / EVAL_CHUNK)
@@ -170,7 +216,7 @@ def estimate_loss(eval_step, params, split_data, key, eval_iters: int, should_st
     keys = jax.random.split(key, n_chunks * chunk)  # the last chunk's extra batches are dropped below
     losses, pending = [], None
     for i in range(n_chunks):
-        chunk_keys = keys[i * chunk:(i + 1) * chunk]
+        chunk_keys = keys[i * chunk : (i + 1) * chunk]
         source = split_data.eval_windows(chunk_keys) if isinstance(split_data, data.HostSplit) else split_data
         dispatched = eval_step(params, source, chunk_keys)
         if pending is not None:
@@ -184,8 +230,11 @@ def estimate_loss(eval_step, params, split_data, key, eval_iters: int, should_st
 
 @jax.jit
 def all_finite(tree) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-                              if jnp.issubdtype(x.dtype, jnp.floating)]))
+    return jnp.all(
+        jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+        )
+    )
 
 
 class _StopRequest:
@@ -209,11 +258,15 @@ class _StopRequest:
         self._presses += 1
         if self._presses == 1:
             self.signal = signal.Signals(signum).name
-            tqdm.write(f"{self.signal}: stopping after this step to save a checkpoint "
-                       "(press Ctrl-C twice more to abort without saving)")
+            tqdm.write(
+                f"{self.signal}: stopping after this step to save a checkpoint "
+                "(press Ctrl-C twice more to abort without saving)"
+            )
         elif self._presses == 2:
-            tqdm.write("Still stopping: finishing this step and its checkpoint. Ctrl-C once more aborts, "
-                       "losing the work since the last checkpoint.")
+            tqdm.write(
+                "Still stopping: finishing this step and its checkpoint. Ctrl-C once more aborts, "
+                "losing the work since the last checkpoint."
+            )
         else:
             tqdm.write("Aborted without saving; the checkpoints already written are intact.")
             os._exit(130)
@@ -238,8 +291,10 @@ def prepare_run(cfg, workdir: str, data_path: str, latest: int | None):
         tokenizer = CharTokenizer.load(checkpoint.tokenizer_path(workdir))
         mismatch = config_lib.shape_mismatch(saved, cfg, tokenizer.vocab_size)
         if mismatch:
-            raise OrpheusError(f"{workdir} holds a checkpoint of a different model ({mismatch}); "
-                               "use another --workdir or the same config")
+            raise OrpheusError(
+                f"{workdir} holds a checkpoint of a different model ({mismatch}); "
+                "use another --workdir or the same config"
+            )
         cfg = continue_schedule(saved, cfg, latest)
         cfg = continue_randomness(saved, cfg)
     tokenizer, tokens = token_cache.load(data_path, tokenizer)
@@ -261,9 +316,12 @@ def continue_randomness(saved, cfg):
         return cfg
     cfg = cfg.copy_and_resolve_references()
     cfg.update(changed)
-    print("Resuming with the run's own " + ", ".join(f"{key}={value}" for key, value in changed.items())
-          + " (its batches and dropout masks continue as they began); start a new --workdir to change them.",
-          flush=True)
+    print(
+        "Resuming with the run's own "
+        + ", ".join(f"{key}={value}" for key, value in changed.items())
+        + " (its batches and dropout masks continue as they began); start a new --workdir to change them.",
+        flush=True,
+    )
     return cfg
 
 
@@ -277,9 +335,11 @@ def continue_schedule(saved, cfg, step: int):
         return cfg
     cfg = cfg.copy_and_resolve_references()
     cfg.lr_decay_iters = saved.get("lr_decay_iters") or saved.max_iters
-    print(f"Continuing the learning-rate schedule of steps 0-{saved.max_iters}: the decay still ends at step "
-          f"{cfg.lr_decay_iters}, then the rate stays at min_lr; set --config.lr_decay_iters to decay anew.",
-          flush=True)
+    print(
+        f"Continuing the learning-rate schedule of steps 0-{saved.max_iters}: the decay still ends at step "
+        f"{cfg.lr_decay_iters}, then the rate stays at min_lr; set --config.lr_decay_iters to decay anew.",
+        flush=True,
+    )
     return cfg
 
 
@@ -291,7 +351,10 @@ def train(cfg, workdir: str, data_path: str, *, devices=None) -> TrainState:
     lock = checkpoint.WorkdirLock(workdir) if distributed.is_main() else None
     try:
         if lock and lock.previous_holder:
-            print(f"Taking over {workdir} from a run that is no longer running ({lock.previous_holder})", flush=True)
+            print(
+                f"Taking over {workdir} from a run that is no longer running ({lock.previous_holder})",
+                flush=True,
+            )
         ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
         state = _train(cfg, workdir, data_path, mesh, ckpt)
         ckpt.close()  # not on errors: closing waits on Orbax's threads, and _train waited for its saves
@@ -317,11 +380,16 @@ def _train(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) -> Trai
 def _diverged(step: int, what: str, lr: float, ckpt: checkpoint.Checkpointer) -> OrpheusError:
     ckpt.wait()
     good = ckpt.complete_steps()
-    where = (f"the last checkpoint, step {good[-1]}, is good and nothing later was saved" if good
-             else "no checkpoint was saved")
-    return OrpheusError(f"training diverged at step {step}: {what} (learning rate {lr:.3g}); {where}. "
-                        "Lower --config.learning_rate (or raise --config.warmup_iters, set --config.grad_clip) "
-                        "and run the same command to resume" + (f" from step {good[-1]}" if good else ""))
+    where = (
+        f"the last checkpoint, step {good[-1]}, is good and nothing later was saved"
+        if good
+        else "no checkpoint was saved"
+    )
+    return OrpheusError(
+        f"training diverged at step {step}: {what} (learning rate {lr:.3g}); {where}. "
+        "Lower --config.learning_rate (or raise --config.warmup_iters, set --config.grad_clip) "
+        "and run the same command to resume" + (f" from step {good[-1]}" if good else "")
+    )
 
 
 def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) -> TrainState:
@@ -339,25 +407,39 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
     if main:
         config_lib.save(cfg, tokenizer.vocab_size, checkpoint.config_path(workdir))
         tokenizer.save(checkpoint.tokenizer_path(workdir))
-    metrics = metrics_lib.MetricsLog(checkpoint.metrics_path(workdir) if main else None, latest,
-                                     tensorboard_dir=workdir if main else None,
-                                     plot_path=checkpoint.plot_path(workdir) if main else None)
+    metrics = metrics_lib.MetricsLog(
+        checkpoint.metrics_path(workdir) if main else None,
+        latest,
+        tensorboard_dir=workdir if main else None,
+        plot_path=checkpoint.plot_path(workdir) if main else None,
+    )
 
-    train_data, val_data = (data.place(t, mesh, cfg.device_data_budget, cfg.batch_size, cfg.block_size)
-                            for t in (train_tokens, val_tokens))
+    train_data, val_data = (
+        data.place(t, mesh, cfg.device_data_budget, cfg.batch_size, cfg.block_size)
+        for t in (train_tokens, val_tokens)
+    )
     on_host = isinstance(train_data, data.HostSplit)
-    train_key = jax.random.wrap_key_data(np.asarray(state.rng), impl=cfg.prng_impl)  # for windows cut on the host
+    train_key = jax.random.wrap_key_data(
+        np.asarray(state.rng), impl=cfg.prng_impl
+    )  # for windows cut on the host
     step = int(state.step)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
-    on_host_names = [name for name, d in (("train", train_data), ("val", val_data)) if isinstance(d, data.HostSplit)]
-    print(f"{n_params:,} parameters, vocab {tokenizer.vocab_size}, {len(train_tokens):,} train / "
-          f"{len(val_tokens):,} val characters, {mesh.devices.size} {jax.default_backend()} device(s)"
-          + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
-          + (f", {cfg.param_sharding} parameters" if cfg.param_sharding != "replicated" else "")
-          + (f"; {' and '.join(on_host_names)} split batched on the host" if on_host_names else "")
-          + (f"; resuming from step {step}" if latest is not None else ""), flush=True)
+    on_host_names = [
+        name for name, d in (("train", train_data), ("val", val_data)) if isinstance(d, data.HostSplit)
+    ]
+    print(
+        f"{n_params:,} parameters, vocab {tokenizer.vocab_size}, {len(train_tokens):,} train / "
+        f"{len(val_tokens):,} val characters, {mesh.devices.size} {jax.default_backend()} device(s)"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+        + (f", {cfg.param_sharding} parameters" if cfg.param_sharding != "replicated" else "")
+        + (f"; {' and '.join(on_host_names)} split batched on the host" if on_host_names else "")
+        + (f"; resuming from step {step}" if latest is not None else ""),
+        flush=True,
+    )
     if step >= cfg.max_iters:
-        print(f"Already trained to step {step} (max_iters {cfg.max_iters}); raise --config.max_iters to continue.")
+        print(
+            f"Already trained to step {step} (max_iters {cfg.max_iters}); raise --config.max_iters to continue."
+        )
         return state
 
     def train_source(n):  # what the call of steps step .. step + n - 1 reads
@@ -365,11 +447,16 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
 
     t0 = time.perf_counter()
     jitted_train_step = make_train_step(cfg, model_cfg, optimizer, mesh)
-    compiled = {cfg.steps_per_call: jitted_train_step.lower(state, train_source(cfg.steps_per_call),
-                                                            cfg.steps_per_call).compile()}
+    compiled = {
+        cfg.steps_per_call: jitted_train_step.lower(
+            state, train_source(cfg.steps_per_call), cfg.steps_per_call
+        ).compile()
+    }
     eval_step = make_eval_step(cfg, model_cfg, mesh)
     sampler = Sampler(model_cfg, state.params, batch_size=1, prng_impl=cfg.prng_impl, mesh=mesh)
-    sample_prompt = tokenizer.encode("\n" if "\n" in tokenizer.chars else tokenizer.chars[0])  # sample.py's default
+    sample_prompt = tokenizer.encode(
+        "\n" if "\n" in tokenizer.chars else tokenizer.chars[0]
+    )  # sample.py's default
     print(f"Compiled the train step in {time.perf_counter() - t0:.2f} s", flush=True)
 
     def train_call(state, n):
@@ -395,11 +482,15 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
                 tqdm.write(f"step {at_step}: evaluation cut short by {stop.signal}")
                 return
         sampler.use_params(state.params)  # the sampler's compiled steps take the parameters as an argument
-        sample_ids = sampler.generate(sample_prompt, EVAL_SAMPLE_CHARS, 0, [0], EVAL_SAMPLE_TEMPERATURE)  # sample.py's seed
+        sample_ids = sampler.generate(
+            sample_prompt, EVAL_SAMPLE_CHARS, 0, [0], EVAL_SAMPLE_TEMPERATURE
+        )  # sample.py's seed
         metrics.write(at_step, **losses, **({"lr": lr_of(at_step)} if at_step else {}))
         metrics.write_text(at_step, "sample", tokenizer.decode(np.concatenate(list(sample_ids), axis=1)))
         metrics.plot()
-        tqdm.write(f"step {at_step}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}")
+        tqdm.write(
+            f"step {at_step}: train loss {losses['train_loss']:.4f}, val loss {losses['val_loss']:.4f}"
+        )
         if not all(map(math.isfinite, losses.values())):
             raise _diverged(at_step, f"the evaluation loss is {losses['val_loss']}", lr_of(at_step), ckpt)
 
@@ -415,8 +506,12 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
             bad = ~(np.isfinite(host["loss"]) & np.isfinite(host["grad_norm"]))
             if bad.any():
                 i = int(np.argmax(bad))
-                raise _diverged(first + i + 1, f"loss {host['loss'][i]}, gradient norm {host['grad_norm'][i]}",
-                                lr_of(first + i + 1), ckpt)
+                raise _diverged(
+                    first + i + 1,
+                    f"loss {host['loss'][i]}, gradient norm {host['grad_norm'][i]}",
+                    lr_of(first + i + 1),
+                    ckpt,
+                )
             last = {k: float(v[-1]) for k, v in host.items()}
         return last
 
@@ -425,7 +520,9 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
         if step == 0:
             evaluate(0, stop)
         start_step = step
-        bar = tqdm(total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True, disable=None if main else True)
+        bar = tqdm(
+            total=cfg.max_iters, initial=step, unit="step", dynamic_ncols=True, disable=None if main else True
+        )
         log_time, log_step = time.perf_counter(), step
         while step < cfg.max_iters and not stop():
             boundary = min([step - step % i + i for i in intervals] + [cfg.max_iters])
@@ -443,10 +540,20 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
                 now = time.perf_counter()
                 tokens_per_s = (step - log_step) * tokens_per_step / (now - log_time)
                 mfu = metrics_lib.mfu(tokens_per_s, flops_per_token, mesh.devices.flat)  # None on a CPU
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr_of(step):.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
-                metrics.write(step, loss=last["loss"], grad_norm=last["grad_norm"], lr=lr_of(step),
-                              tokens_per_s=tokens_per_s, mfu=mfu)
+                bar.set_postfix(
+                    loss=f"{last['loss']:.4f}",
+                    lr=f"{lr_of(step):.2e}",
+                    tok_s=f"{tokens_per_s:,.0f}",
+                    **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
+                )
+                metrics.write(
+                    step,
+                    loss=last["loss"],
+                    grad_norm=last["grad_norm"],
+                    lr=lr_of(step),
+                    tokens_per_s=tokens_per_s,
+                    mfu=mfu,
+                )
                 log_time, log_step = now, step
             evaluating = at(cfg.eval_interval) and not stop()  # a pending stop saves first, skips the eval
             if evaluating:
@@ -456,8 +563,9 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
             if saving:
                 check_finite()
                 if not bool(all_finite(state)):
-                    raise _diverged(step, "the parameters or optimizer state hold non-finite values",
-                                    lr_of(step), ckpt)
+                    raise _diverged(
+                        step, "the parameters or optimizer state hold non-finite values", lr_of(step), ckpt
+                    )
                 ckpt.save(step, state)
             if evaluating or saving:  # tokens/s counts training time only
                 log_time, log_step = time.perf_counter(), step
@@ -466,8 +574,14 @@ def _train_loop(cfg, workdir, data_path, mesh, ckpt: checkpoint.Checkpointer) ->
     if not stop():
         print(f"Done: step {step}; checkpoints in {ckpt.directory}", flush=True)
     elif step > start_step:
-        print(f"Stopped by {stop.signal} at step {step}; checkpoint saved in {ckpt.directory}. "
-              f"Run the same command again to resume.", flush=True)
+        print(
+            f"Stopped by {stop.signal} at step {step}; checkpoint saved in {ckpt.directory}. "
+            f"Run the same command again to resume.",
+            flush=True,
+        )
     else:
-        print(f"Stopped by {stop.signal} at step {step}, before training further: nothing new to save.", flush=True)
+        print(
+            f"Stopped by {stop.signal} at step {step}, before training further: nothing new to save.",
+            flush=True,
+        )
     return state

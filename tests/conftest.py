@@ -1,8 +1,11 @@
 """Every test process sees 8 simulated CPU devices, so sharded code paths run everywhere."""
+
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +35,7 @@ def small_text_path(iliad_path, tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_cfg():
     from configs import tiny
+
     return tiny.get_config()
 
 
@@ -41,9 +45,17 @@ def tiny_run(small_text_path, tmp_path_factory) -> str:
     at a high rate, 10 per call, so that its text has words in it (a few seconds more than 20)."""
     from configs import tiny
     from orpheus_jax.train import train
+
     cfg = tiny.get_config()
-    cfg.update(max_iters=100, learning_rate=1e-2, min_lr=1e-3, steps_per_call=10, eval_interval=50,
-               checkpoint_interval=50, log_interval=50)
+    cfg.update(
+        max_iters=100,
+        learning_rate=1e-2,
+        min_lr=1e-3,
+        steps_per_call=10,
+        eval_interval=50,
+        checkpoint_interval=50,
+        log_interval=50,
+    )
     cfg.cpu_dots = "xla"  # oneDNN's train step compiles afresh each run; this one is only a fixture
     workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
     train(cfg, workdir, small_text_path)
@@ -55,6 +67,7 @@ def _read_events(directory):
     event files, read by the accumulator TensorBoard's server uses (it applies restarts' purges)."""
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from tensorboard.util.tensor_util import make_ndarray
+
     acc = EventAccumulator(str(directory), size_guidance={"tensors": 0})
     acc.Reload()
     scalars, texts = {}, {}

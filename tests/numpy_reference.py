@@ -1,4 +1,5 @@
 """An independent NumPy reading of the seed's architecture, the reference the model's tests compare to."""
+
 import math
 
 import jax
@@ -41,7 +42,11 @@ def numpy_forward(c, p, tokens_BT, matmul_input=lambda x: x):
             w = np.exp(w - w.max(-1, keepdims=True))
             heads.append((w / w.sum(-1, keepdims=True)) @ v)
         proj = b["attn"]["proj"]
-        x = x + matmul_input(np.concatenate(heads, -1)) @ proj["kernel"].reshape(c.n_embd, c.n_embd) + proj["bias"]
+        x = (
+            x
+            + matmul_input(np.concatenate(heads, -1)) @ proj["kernel"].reshape(c.n_embd, c.n_embd)
+            + proj["bias"]
+        )
         h = matmul_input(ln(x, b["ln2"]))
         m = b["mlp"]
         relu = matmul_input(np.maximum(h @ m["fc"]["kernel"] + m["fc"]["bias"], 0))

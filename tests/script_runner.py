@@ -1,4 +1,5 @@
 """Running the command-line scripts as a user does, and checking their one-line errors."""
+
 import os
 import subprocess
 import sys
@@ -7,8 +8,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(script, *args, env=None, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO, script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_one_line_error(result, *words):

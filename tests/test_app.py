@@ -4,6 +4,7 @@ gradio_client and a real headless browser (Debian's chromium, when installed).
 The server runs under a probe that records, through Python's audit hooks, every socket connection
 and name lookup the process makes, and every JAX compilation: the tests check that all connections
 stay on this machine and that no request compiles anything."""
+
 import json
 import os
 import socket
@@ -22,7 +23,7 @@ gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requ
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Achilles"
 
-PROBE = r'''
+PROBE = r"""
 import os, runpy, sys
 log = open(os.environ["PROBE_LOG"], "a", buffering=1)
 
@@ -41,7 +42,7 @@ jax.monitoring.register_event_duration_secs_listener(
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
 runpy.run_path(sys.argv[0], run_name="__main__")
-'''
+"""
 
 
 def is_local(host: str) -> bool:
@@ -62,9 +63,22 @@ class Server:
         probe = tmp_path / "probe.py"
         probe.write_text(PROBE)
         env = {**os.environ, "PROBE_LOG": self.log_path, "ORPHEUS_CACHE": str(tmp_path / "cache")}
-        self.proc = subprocess.Popen([sys.executable, str(probe), os.path.join(REPO, "app.py"), "--workdir", workdir,
-                                      "--port", str(self.port)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(probe),
+                os.path.join(REPO, "app.py"),
+                "--workdir",
+                workdir,
+                "--port",
+                str(self.port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         self.output = []
         threading.Thread(target=lambda: self.output.extend(self.proc.stdout), daemon=True).start()
         self.url = f"http://127.0.0.1:{self.port}/"
@@ -138,12 +152,15 @@ def test_sessions_at_once_each_get_their_own_text(server):
     assert len({r[-800:] for r in results}) == 3
 
 
-@pytest.mark.parametrize("prompt, length, words", [
-    ("Achilles §", 100, "not in the vocabulary"),
-    ("", 100, "Type a prompt"),
-    (PROMPT, 2001, "2000"),
-    (PROMPT, 0, "1"),
-])
+@pytest.mark.parametrize(
+    "prompt, length, words",
+    [
+        ("Achilles §", 100, "not in the vocabulary"),
+        ("", 100, "Type a prompt"),
+        (PROMPT, 2001, "2000"),
+        (PROMPT, 0, "1"),
+    ],
+)
 def test_bad_input_is_an_error_message_not_a_crash(server, prompt, length, words):
     with pytest.raises(gradio_client.exceptions.AppError, match=words):
         client(server).predict(prompt, length, 1.0, 0, 1.0, api_name="/generate")
@@ -154,8 +171,12 @@ def test_bad_input_is_an_error_message_not_a_crash(server, prompt, length, words
 def test_requests_never_compile_and_nothing_leaves_the_machine(server, tiny_run):
     block_size = json.load(open(os.path.join(tiny_run, "config.json")))["block_size"]
     # Prompt lengths from 1 to past the buffer, lengths past several refills, every sampling setting.
-    for prompt, length, settings in [("A", 1, ()), ("Achilles", 100, (0.0, 0, 1.0)),
-                                     ("x" * (3 * block_size), 200, (0.7, 5, 0.9)), ("and", 2000, (1.3, 0, 0.5))]:
+    for prompt, length, settings in [
+        ("A", 1, ()),
+        ("Achilles", 100, (0.0, 0, 1.0)),
+        ("x" * (3 * block_size), 200, (0.7, 5, 0.9)),
+        ("and", 2000, (1.3, 0, 0.5)),
+    ]:
         result = generate(server, prompt, length, *settings)[1]
         assert len(result) == len(prompt) + length
     assert server.compiles_at_start > 0  # the probe sees compilations: the ones at start
@@ -177,14 +198,25 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @pytest.fixture
 def browser():
     if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip(f"no system browser: {CHROMIUM} and {CHROMEDRIVER} come from Debian's chromium and "
-                    "chromium-driver packages (apt-get install chromium chromium-driver)")
+        pytest.skip(
+            f"no system browser: {CHROMIUM} and {CHROMEDRIVER} come from Debian's chromium and "
+            "chromium-driver packages (apt-get install chromium chromium-driver)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium")
     from selenium.webdriver.chrome.service import Service
+
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM  # the system browser: Selenium downloads nothing
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+    for arg in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1000",
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -200,21 +232,30 @@ def test_browser_types_a_prompt_and_watches_the_text_grow(server, browser, tmp_p
     shots = os.environ.get("ORPHEUS_SCREENSHOTS") or str(tmp_path)
     os.makedirs(shots, exist_ok=True)
     browser.get(server.url)
-    textarea = lambda label: browser.find_element(By.XPATH, f"//label[.//*[normalize-space(text())='{label}']]//textarea")
+    textarea = lambda label: browser.find_element(
+        By.XPATH, f"//label[.//*[normalize-space(text())='{label}']]//textarea"
+    )
     prompt = WebDriverWait(browser, 60).until(lambda _: textarea("Prompt"))
     assert "OrpheusGPT" in browser.page_source and "trained on Homer's Iliad" in browser.page_source
     prompt.send_keys(PROMPT)
-    length = browser.find_element(By.CSS_SELECTOR, "input[aria-label='number input for Number of characters to generate']")
+    length = browser.find_element(
+        By.CSS_SELECTOR, "input[aria-label='number input for Number of characters to generate']"
+    )
     length.send_keys(Keys.CONTROL, "a")
     length.send_keys("2000", Keys.TAB)
     output = textarea("Generated Text")
     # The page itself records every length the output shows (every 5 ms), while we click and shoot.
-    browser.execute_script("""const el = arguments[0]; window.seen = [];
+    browser.execute_script(
+        """const el = arguments[0]; window.seen = [];
         window.watch = setInterval(() => { const n = el.value.length;
-          if (window.seen[window.seen.length - 1] !== n) window.seen.push(n); }, 5);""", output)
+          if (window.seen[window.seen.length - 1] !== n) window.seen.push(n); }, 5);""",
+        output,
+    )
     browser.find_element(By.XPATH, "//button[contains(., 'Submit')]").click()
     final_length = len(PROMPT) + 2000
-    WebDriverWait(browser, 60, poll_frequency=0.02).until(lambda b: len(output.get_attribute("value")) > len(PROMPT))
+    WebDriverWait(browser, 60, poll_frequency=0.02).until(
+        lambda b: len(output.get_attribute("value")) > len(PROMPT)
+    )
     browser.save_screenshot(os.path.join(shots, "app_streaming.png"))
     WebDriverWait(browser, 120).until(lambda b: len(output.get_attribute("value")) >= final_length)
     final = os.path.join(shots, "app_done.png")
@@ -231,11 +272,16 @@ def test_browser_types_a_prompt_and_watches_the_text_grow(server, browser, tmp_p
     prompt.send_keys(Keys.CONTROL, "a")
     prompt.send_keys("Achilles §")
     browser.find_element(By.XPATH, "//button[contains(., 'Submit')]").click()
-    WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.XPATH, "//*[contains(text(), 'not in the vocabulary')]"))
+    WebDriverWait(browser, 30).until(
+        lambda b: b.find_elements(By.XPATH, "//*[contains(text(), 'not in the vocabulary')]")
+    )
     browser.save_screenshot(os.path.join(shots, "app_bad_input.png"))
 
     local = server.url.rstrip("/")
-    urls = {json.loads(e["message"])["message"]["params"]["request"]["url"] for e in browser.get_log("performance")
-            if json.loads(e["message"])["message"]["method"] == "Network.requestWillBeSent"}
+    urls = {
+        json.loads(e["message"])["message"]["params"]["request"]["url"]
+        for e in browser.get_log("performance")
+        if json.loads(e["message"])["message"]["method"] == "Network.requestWillBeSent"
+    }
     assert urls and all(u.startswith((local + "/", "data:", "blob:")) for u in urls), sorted(urls)
     assert any("/gradio_api/queue/" in u for u in urls)

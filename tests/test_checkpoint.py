@@ -7,16 +7,17 @@ import warnings
 import jax
 import numpy as np
 import pytest
+from script_runner import REPO
 
 from orpheus_jax import OrpheusError
 from orpheus_jax.checkpoint import WorkdirLock, load_run
 from orpheus_jax.train import train
-from script_runner import REPO
 
 
 @pytest.fixture(scope="module")
 def run_dir(small_text_path, tmp_path_factory):
     from configs import tiny
+
     workdir = str(tmp_path_factory.mktemp("ckpt") / "run")
     state = train(tiny.get_config(), workdir, small_text_path)
     return workdir, jax.tree.map(np.asarray, state.params)
@@ -81,8 +82,13 @@ OtherFailure()
 @pytest.mark.parametrize("package", ["orbax", "other"])
 def test_orbax_failures_left_in_the_background_print_nothing_else(package, tmp_path):
     module = os.path.join(os.sep, "venv", package, "checkpoint", "serialization.py")
-    result = subprocess.run([sys.executable, "-c", _BACKGROUND_FAILURE, module, str(tmp_path)],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", _BACKGROUND_FAILURE, module, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "Event loop is closed" not in result.stderr
     assert ("Task exception was never retrieved" in result.stderr) == (package == "other")

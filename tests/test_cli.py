@@ -1,4 +1,5 @@
 """train.py and sample.py end to end, in subprocesses, as a user runs them (8 simulated devices)."""
+
 import json
 import os
 import shutil
@@ -32,8 +33,9 @@ def test_train_writes_checkpoints_metrics_config_and_tokenizer(trained):
     assert [r["step"] for r in evals] == [0, 10, 20]
     assert all({"step", "train_loss", "val_loss"} <= r.keys() for r in evals)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    assert json.load(open(os.path.join(workdir, "config.json")))["vocab_size"] == \
-        len(json.load(open(os.path.join(workdir, "tokenizer.json")))["chars"])
+    assert json.load(open(os.path.join(workdir, "config.json")))["vocab_size"] == len(
+        json.load(open(os.path.join(workdir, "tokenizer.json")))["chars"]
+    )
     assert "step 20: train loss" in result.stdout and "8 cpu device(s)" in result.stdout
 
 
@@ -41,16 +43,25 @@ def test_train_writes_tensorboard_events_and_a_loss_plot(trained, read_events):
     workdir, _ = trained
     records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     scalars, texts = read_events(workdir)
-    for key, tag in [("loss", "train/loss"), ("lr", "train/lr"), ("tokens_per_s", "perf/tokens_per_s"),
-                     ("train_loss", "eval/train_loss"), ("val_loss", "eval/val_loss")]:
+    for key, tag in [
+        ("loss", "train/loss"),
+        ("lr", "train/lr"),
+        ("tokens_per_s", "perf/tokens_per_s"),
+        ("train_loss", "eval/train_loss"),
+        ("val_loss", "eval/val_loss"),
+    ]:
         expected = [(r["step"], r[key]) for r in records if key in r]
         assert [step for step, _ in scalars[tag]] == [step for step, _ in expected], tag
-        np.testing.assert_allclose([v for _, v in scalars[tag]], [v for _, v in expected], rtol=1e-6)  # float32
+        np.testing.assert_allclose(
+            [v for _, v in scalars[tag]], [v for _, v in expected], rtol=1e-6
+        )  # float32
     assert [step for step, _ in scalars["eval/val_loss"]] == [0, 10, 20]
     assert "perf/mfu" not in scalars  # a CPU has no known peak: no MFU anywhere
     samples = texts["eval/sample/text_summary"]
     assert [step for step, _ in samples] == [0, 10, 20]
-    assert all(text.startswith("```\n") and text.endswith("\n```") and len(text) == 200 + 8 for _, text in samples)
+    assert all(
+        text.startswith("```\n") and text.endswith("\n```") and len(text) == 200 + 8 for _, text in samples
+    )
     with open(os.path.join(workdir, "losses.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
@@ -67,8 +78,9 @@ def test_the_sample_of_an_evaluation_is_what_sample_py_prints(trained, read_even
 def test_plot_puts_several_runs_in_one_figure(trained, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
-    (other / "metrics.jsonl").write_text('{"step": 0, "train_loss": 4.2, "val_loss": 4.2}\n'
-                                         '{"step": 10, "train_loss": 3.0, "val_loss": 3.1}\n')
+    (other / "metrics.jsonl").write_text(
+        '{"step": 0, "train_loss": 4.2, "val_loss": 4.2}\n{"step": 10, "train_loss": 3.0, "val_loss": 3.1}\n'
+    )
     out = tmp_path / "both.png"
     result = run("plot.py", trained[0], str(other), "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -79,9 +91,20 @@ def test_plot_puts_several_runs_in_one_figure(trained, tmp_path):
 
 def test_train_step_is_kept_in_the_compilation_cache(small_text_path, tmp_path):
     """What makes a second run start fast: with XLA's dots the compiled train step is written to disk."""
-    result = run("train.py", *TINY, "--workdir", str(tmp_path / "run"), "--data", small_text_path,
-                 "--config.cpu_dots=xla", "--config.max_iters=1", "--config.eval_interval=1",
-                 "--config.checkpoint_interval=1", "--config.log_interval=1", env={"ORPHEUS_CACHE": str(tmp_path)})
+    result = run(
+        "train.py",
+        *TINY,
+        "--workdir",
+        str(tmp_path / "run"),
+        "--data",
+        small_text_path,
+        "--config.cpu_dots=xla",
+        "--config.max_iters=1",
+        "--config.eval_interval=1",
+        "--config.checkpoint_interval=1",
+        "--config.log_interval=1",
+        env={"ORPHEUS_CACHE": str(tmp_path)},
+    )
     assert result.returncode == 0, result.stderr
     assert any(name.startswith("jit_train_steps-") for name in os.listdir(tmp_path / "xla"))
 
@@ -105,10 +128,23 @@ def test_second_run_resumes_and_continues(trained, small_text_path, tmp_path, re
 
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(small_text_path, tmp_path):
     workdir = str(tmp_path / "run")
-    args = [*TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=1000000",
-            "--config.checkpoint_interval=1000000", "--config.eval_interval=1000000"]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [
+        *TINY,
+        "--workdir",
+        workdir,
+        "--data",
+        small_text_path,
+        "--config.max_iters=1000000",
+        "--config.checkpoint_interval=1000000",
+        "--config.eval_interval=1000000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     for line in proc.stdout:  # wait until training is under way
         if line.startswith("step 0:"):
             break
@@ -126,33 +162,46 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(small_text_path, tmp_path):
 
 
 def test_missing_data_file(tmp_path):
-    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path), "--data", str(tmp_path / "no.txt")),
-                          "not found")
+    assert_one_line_error(
+        run("train.py", *TINY, "--workdir", str(tmp_path), "--data", str(tmp_path / "no.txt")), "not found"
+    )
 
 
 def test_empty_data_file(tmp_path):
     (tmp_path / "empty.txt").write_text("")
-    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path / "w"), "--data",
-                              str(tmp_path / "empty.txt")), "empty")
+    assert_one_line_error(
+        run("train.py", *TINY, "--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "empty.txt")),
+        "empty",
+    )
 
 
 def test_text_shorter_than_a_block(tmp_path):
     (tmp_path / "short.txt").write_text("Sing, O goddess.\n")
-    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path / "w"), "--data",
-                              str(tmp_path / "short.txt")), "too short", "block_size")
+    assert_one_line_error(
+        run("train.py", *TINY, "--workdir", str(tmp_path / "w"), "--data", str(tmp_path / "short.txt")),
+        "too short",
+        "block_size",
+    )
 
 
 def test_batch_not_divisible_by_devices(small_text_path, tmp_path):
-    assert_one_line_error(run("train.py", *TINY, "--workdir", str(tmp_path), "--data", small_text_path,
-                              "--config.batch_size=12"), "divisible by the number of devices (8)")
+    assert_one_line_error(
+        run(
+            "train.py", *TINY, "--workdir", str(tmp_path), "--data", small_text_path, "--config.batch_size=12"
+        ),
+        "divisible by the number of devices (8)",
+    )
 
 
 def test_workdir_of_another_model(trained, small_text_path, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(trained[0], workdir)
     before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
-    assert_one_line_error(run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path,
-                              "--config.n_embd=64"), "different model", "n_embd 32 vs 64")
+    assert_one_line_error(
+        run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.n_embd=64"),
+        "different model",
+        "n_embd 32 vs 64",
+    )
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing lost
 
 
@@ -163,34 +212,53 @@ def test_corrupt_checkpoint(trained, small_text_path, tmp_path):
         for name in files:
             if os.path.basename(root) == "d":  # the array data
                 open(os.path.join(root, name), "wb").close()
-    assert_one_line_error(run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path,
-                              "--config.max_iters=30"), "cannot restore checkpoint")
+    assert_one_line_error(
+        run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30"),
+        "cannot restore checkpoint",
+    )
 
 
 def test_resume_on_text_with_new_characters(trained, tmp_path, small_text_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(trained[0], workdir)
     (tmp_path / "other.txt").write_text(open(small_text_path).read() + "\u00e9\u00e8\n")
-    assert_one_line_error(run("train.py", *TINY, "--workdir", workdir, "--data", str(tmp_path / "other.txt"),
-                              "--config.max_iters=30"), "not in the vocabulary", "'\u00e8', '\u00e9'")
+    assert_one_line_error(
+        run(
+            "train.py",
+            *TINY,
+            "--workdir",
+            workdir,
+            "--data",
+            str(tmp_path / "other.txt"),
+            "--config.max_iters=30",
+        ),
+        "not in the vocabulary",
+        "'\u00e8', '\u00e9'",
+    )
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--config.n_head=3"], "n_embd (32) must be divisible by n_head (3)"),
-    (["--config.batch_size=0"], "batch_size must be a positive integer"),
-    (["--config.no_such_key=1"], "unknown config key: no_such_key"),
-    (["--config.batch_size=many"], "--config.batch_size"),
-    (["--config", "configs/no_such_config.py"], "cannot load the config"),
-    (["--no_such_flag"], "no_such_flag"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--config.n_head=3"], "n_embd (32) must be divisible by n_head (3)"),
+        (["--config.batch_size=0"], "batch_size must be a positive integer"),
+        (["--config.no_such_key=1"], "unknown config key: no_such_key"),
+        (["--config.batch_size=many"], "--config.batch_size"),
+        (["--config", "configs/no_such_config.py"], "cannot load the config"),
+        (["--no_such_flag"], "no_such_flag"),
+    ],
+)
 def test_bad_flags_and_config_values(args, words, tmp_path):
     config = [] if "--config" in args else TINY
     assert_one_line_error(run("train.py", *config, *args, "--workdir", str(tmp_path)), words)
 
 
 def test_offline_with_nothing_cached_says_to_pass_data(tmp_path):
-    env = {"ORPHEUS_DATA": "", "ORPHEUS_CACHE": str(tmp_path / "cache"),
-           "ORPHEUS_DATA_URL": "http://127.0.0.1:9/pg2199.txt"}
+    env = {
+        "ORPHEUS_DATA": "",
+        "ORPHEUS_CACHE": str(tmp_path / "cache"),
+        "ORPHEUS_DATA_URL": "http://127.0.0.1:9/pg2199.txt",
+    }
     result = run("train.py", *TINY, "--workdir", str(tmp_path / "w"), env=env)
     assert "Downloading the Iliad" in result.stdout
     assert_one_line_error(result, "cannot download", "--data FILE")
@@ -200,10 +268,15 @@ def test_train_py_asks_for_deterministic_gpu_kernels_unless_the_user_chose(monke
     """On an H100, test_resume_is_exact failed with XLA's default (atomic) scatter-adds and passed with
     deterministic ones. This jaxlib must know the flag too: every train.py run in this file passes it."""
     from orpheus_jax import deterministic_gpu_ops
-    for before, after in ((None, "--xla_gpu_deterministic_ops=true"),
-                          ("--xla_force_host_platform_device_count=8",
-                           "--xla_force_host_platform_device_count=8 --xla_gpu_deterministic_ops=true"),
-                          ("--xla_gpu_deterministic_ops=false", "--xla_gpu_deterministic_ops=false")):
+
+    for before, after in (
+        (None, "--xla_gpu_deterministic_ops=true"),
+        (
+            "--xla_force_host_platform_device_count=8",
+            "--xla_force_host_platform_device_count=8 --xla_gpu_deterministic_ops=true",
+        ),
+        ("--xla_gpu_deterministic_ops=false", "--xla_gpu_deterministic_ops=false"),
+    ):
         if before is None:
             monkeypatch.delenv("XLA_FLAGS", raising=False)
         else:
@@ -213,6 +286,7 @@ def test_train_py_asks_for_deterministic_gpu_kernels_unless_the_user_chose(monke
 
 
 # --- sample.py ---------------------------------------------------------------------------------
+
 
 def test_sample_prints_prompt_and_continuation(trained):
     result = run("sample.py", "--workdir", trained[0], "--prompt", "Achilles", "--max_new_tokens", "40")
@@ -243,29 +317,44 @@ def test_a_second_sample_loads_the_kept_sampler_without_flax_or_orbax(trained, t
     args = ["--workdir", trained[0], "--prompt", "Sing", "--max_new_tokens", "40", "--weights", "int8"]
     env = {**os.environ, "ORPHEUS_CACHE": str(tmp_path)}
     first = run("sample.py", *args, env=env)
-    second = subprocess.run([sys.executable, "-X", "importtime", os.path.join(REPO, "sample.py"), *args], cwd=REPO,
-                            capture_output=True, text=True, timeout=300, env=env)
+    second = subprocess.run(
+        [sys.executable, "-X", "importtime", os.path.join(REPO, "sample.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert first.returncode == 0 and second.returncode == 0 and second.stdout == first.stdout
-    imported = {line.split("|")[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.split("|")[-1].strip() for line in second.stderr.splitlines() if line.startswith("import time:")
+    }
     assert "jax" in imported and not {"flax", "orbax.checkpoint", "optax"} & imported
 
 
 def test_sample_from_an_earlier_step(trained):
-    a = run("sample.py", "--workdir", trained[0], "--step", "10", "--max_new_tokens", "20", "--temperature", "0")
-    b = run("sample.py", "--workdir", trained[0], "--step", "20", "--max_new_tokens", "20", "--temperature", "0")
+    a = run(
+        "sample.py", "--workdir", trained[0], "--step", "10", "--max_new_tokens", "20", "--temperature", "0"
+    )
+    b = run(
+        "sample.py", "--workdir", trained[0], "--step", "20", "--max_new_tokens", "20", "--temperature", "0"
+    )
     assert a.returncode == 0 and b.returncode == 0 and a.stdout != b.stdout
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--prompt", "Sing\u00e9\u00e8"], "2 character(s) not in the vocabulary: '\u00e8', '\u00e9'"),
-    (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
-    (["--top_p", "0"], "--top_p must be in (0, 1]"),
-    (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--shift", "0"], "--shift must be in [1, 31]"),
-    (["--step", "7"], "no checkpoint at step 7"),
-    (["--prompt", "a", "--prompt_file", "f"], "not allowed with argument"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--prompt", "Sing\u00e9\u00e8"], "2 character(s) not in the vocabulary: '\u00e8', '\u00e9'"),
+        (["--max_new_tokens", "0"], "--max_new_tokens must be positive"),
+        (["--top_p", "0"], "--top_p must be in (0, 1]"),
+        (["--top_p", "1.5"], "--top_p must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--shift", "0"], "--shift must be in [1, 31]"),
+        (["--step", "7"], "no checkpoint at step 7"),
+        (["--prompt", "a", "--prompt_file", "f"], "not allowed with argument"),
+    ],
+)
 def test_sample_bad_inputs(trained, args, words):
     assert_one_line_error(run("sample.py", "--workdir", trained[0], *args), *words.split("|"))
 
@@ -278,15 +367,19 @@ def test_sample_without_workdir_or_checkpoint(tmp_path):
 
 def test_stop_decodes_escapes(trained):
     """--stop '\\n' as a shell passes it (a backslash and an n) stops at the first newline."""
-    result = run("sample.py", "--workdir", trained[0], "--prompt", "Sing", "--max_new_tokens", "300", "--stop", "\\n")
+    result = run(
+        "sample.py", "--workdir", trained[0], "--prompt", "Sing", "--max_new_tokens", "300", "--stop", "\\n"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n\n") and result.stdout.count("\n") == 2
-    assert_one_line_error(run("sample.py", "--workdir", trained[0], "--stop", "a\\"), "--stop has a bad escape")
+    assert_one_line_error(
+        run("sample.py", "--workdir", trained[0], "--stop", "a\\"), "--stop has a bad escape"
+    )
 
 
 def test_stop_text_may_begin_in_the_prompt(trained):
     args = ["--workdir", trained[0], "--prompt", "Achilles", "--max_new_tokens", "30", "--temperature", "0"]
-    free = run("sample.py", *args).stdout[len("Achilles"):-1]
+    free = run("sample.py", *args).stdout[len("Achilles") : -1]
     stop = "es" + free[:2]  # the prompt's last two characters and the first two generated
     result = run("sample.py", *args, "--stop", stop)
     assert result.returncode == 0 and result.stdout == "Achilles" + free[:2] + "\n"
@@ -295,10 +388,24 @@ def test_stop_text_may_begin_in_the_prompt(trained):
 def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
     """A stop cuts a long evaluation short and saves the step it was at; a second Ctrl-C changes nothing."""
     workdir = str(tmp_path / "run")
-    args = [*TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=1000000",
-            "--config.eval_interval=20", "--config.eval_iters=100000", "--config.checkpoint_interval=1000000"]
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    args = [
+        *TINY,
+        "--workdir",
+        workdir,
+        "--data",
+        small_text_path,
+        "--config.max_iters=1000000",
+        "--config.eval_interval=20",
+        "--config.eval_iters=100000",
+        "--config.checkpoint_interval=1000000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         for line in proc.stdout:  # the first evaluation (step 0) is long too: cut it short as well
             if line.startswith("Compiled"):
@@ -312,9 +419,19 @@ def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
     assert "nothing new to save" in out and not os.listdir(os.path.join(workdir, "checkpoints"))
 
     # Now a long evaluation at step 20 of a run resumed from step 10 (resumed runs skip the step-0 one).
-    assert run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=10").returncode == 0
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args, "--config.log_interval=20"],
-                            cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert (
+        run(
+            "train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=10"
+        ).returncode
+        == 0
+    )
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *args, "--config.log_interval=20"],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     metrics = os.path.join(workdir, "metrics.jsonl")
     try:
         deadline = time.time() + 120
@@ -334,12 +451,26 @@ def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--distributed"], "cannot join the multi-process run|elsewhere pass --coordinator_address"),
-    (["--coordinator_address", "localhost:1", "--num_processes", "2", "--process_id", "2"], "process_id < num_processes"),
-    (["--num_processes", "two"], "--num_processes"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--distributed"], "cannot join the multi-process run|elsewhere pass --coordinator_address"),
+        (
+            ["--coordinator_address", "localhost:1", "--num_processes", "2", "--process_id", "2"],
+            "process_id < num_processes",
+        ),
+        (["--num_processes", "two"], "--num_processes"),
+    ],
+)
 def test_bad_multi_process_flags(args, words, tmp_path, small_text_path):
-    result = run("train.py", *TINY, "--workdir", str(tmp_path), "--data", small_text_path, *args,
-                 env={"JAX_PLATFORMS": "cpu"})
+    result = run(
+        "train.py",
+        *TINY,
+        "--workdir",
+        str(tmp_path),
+        "--data",
+        small_text_path,
+        *args,
+        env={"JAX_PLATFORMS": "cpu"},
+    )
     assert_one_line_error(result, *words.split("|"))

@@ -12,26 +12,36 @@ def test_shipped_configs_are_valid(module):
 
 def test_seed_recipe():
     c = iliad_char.get_config()
-    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size, c.dropout, c.max_iters) == \
-        (6, 6, 384, 256, 64, 0.2, 5000)
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.batch_size, c.dropout, c.max_iters) == (
+        6,
+        6,
+        384,
+        256,
+        64,
+        0.2,
+        5000,
+    )
     assert (c.pos_encoding, c.val_fraction) == ("learned", 0.1)
 
 
-@pytest.mark.parametrize("key, value, words", [
-    ("n_head", 5, "divisible by n_head"),
-    ("batch_size", 0, "batch_size must be a positive integer"),
-    ("n_layer", -1, "n_layer must be a positive integer"),
-    ("dropout", 1.0, "dropout must be in [0, 1)"),
-    ("learning_rate", 0.0, "learning_rate must be positive"),
-    ("pos_encoding", "rope", "pos_encoding must be one of"),
-    ("dtype", "float16", "dtype must be one of"),
-    ("attn_scale", "sqrt", "attn_scale must be one of"),
-    ("cpu_dots", "mkl", "cpu_dots must be one of"),
-    ("param_sharding", "zero3", "param_sharding must be one of"),
-    ("device_data_budget", -1, "device_data_budget must be a non-negative integer"),
-    ("optimizer", "sgd", "optimizer must be one of"),
-    ("muon_learning_rate", 0.0, "muon_learning_rate must be positive"),
-])
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("n_head", 5, "divisible by n_head"),
+        ("batch_size", 0, "batch_size must be a positive integer"),
+        ("n_layer", -1, "n_layer must be a positive integer"),
+        ("dropout", 1.0, "dropout must be in [0, 1)"),
+        ("learning_rate", 0.0, "learning_rate must be positive"),
+        ("pos_encoding", "rope", "pos_encoding must be one of"),
+        ("dtype", "float16", "dtype must be one of"),
+        ("attn_scale", "sqrt", "attn_scale must be one of"),
+        ("cpu_dots", "mkl", "cpu_dots must be one of"),
+        ("param_sharding", "zero3", "param_sharding must be one of"),
+        ("device_data_budget", -1, "device_data_budget must be a non-negative integer"),
+        ("optimizer", "sgd", "optimizer must be one of"),
+        ("muon_learning_rate", 0.0, "muon_learning_rate must be positive"),
+    ],
+)
 def test_bad_values_name_the_key(key, value, words):
     c = tiny.get_config()
     c[key] = value

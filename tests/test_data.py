@@ -23,8 +23,9 @@ FAKE_GUTENBERG = (
     "*** END OF THE PROJECT GUTENBERG EBOOK THE ILIAD ***\r\n"
     "Updated editions will replace the previous one.\r\n"
 )
-STRIPPED = ("Sing, O goddess, the anger of Achilles son of Peleus,\n"
-            "that brought countless ills upon the Achaeans.\n")
+STRIPPED = (
+    "Sing, O goddess, the anger of Achilles son of Peleus,\nthat brought countless ills upon the Achaeans.\n"
+)
 
 
 def test_tokenizer_round_trip(iliad_path, tmp_path):
@@ -127,6 +128,7 @@ def test_sample_batch_draws_seeded_windows():
 
 # --- splits beyond the device budget: windows cut on the host -------------------------------------
 
+
 def test_a_split_within_the_budget_is_on_every_device_in_its_own_type(tmp_path):
     np.arange(3000, dtype=np.uint16).tofile(tmp_path / "tokens.uint16")
     tokens = np.memmap(tmp_path / "tokens.uint16", np.uint16, mode="r")[1000:]
@@ -137,13 +139,17 @@ def test_a_split_within_the_budget_is_on_every_device_in_its_own_type(tmp_path):
     assert isinstance(data.place(tokens, mesh, tokens.nbytes - 1, 8, 16), data.HostSplit)
 
 
-@pytest.mark.parametrize("grad_accum_steps, prng_impl", [(1, "threefry2x32"), (2, "threefry2x32"), (2, "rbg")])
+@pytest.mark.parametrize(
+    "grad_accum_steps, prng_impl", [(1, "threefry2x32"), (2, "threefry2x32"), (2, "rbg")]
+)
 def test_host_windows_equal_the_device_windows(grad_accum_steps, prng_impl, monkeypatch, tmp_path):
     """Steps 3..10 drawn in blocks of 4 steps on the host; each step's windows on the device as the step cuts them."""
     monkeypatch.setattr(data.HostSplit, "DRAW_STEPS", 4)
     everything = np.random.default_rng(0).integers(0, 66, 6000).astype(np.uint8)
     everything.tofile(tmp_path / "tokens.uint8")
-    tokens = np.memmap(tmp_path / "tokens.uint8", np.uint8, mode="r")[1000:]  # a split: an offset into the file
+    tokens = np.memmap(tmp_path / "tokens.uint8", np.uint8, mode="r")[
+        1000:
+    ]  # a split: an offset into the file
     mesh = make_mesh()
     host = data.HostSplit(tokens, mesh, batch_size=8, block_size=16)
     key = jax.random.key(7, impl=prng_impl)
@@ -152,7 +158,9 @@ def test_host_windows_equal_the_device_windows(grad_accum_steps, prng_impl, monk
     for first, n in ((3, 2), (5, 3), (8, 3)):  # the last call crosses into a new block
         windows = host.train_windows(key, first, n, grad_accum_steps)
         assert windows.shape == (n, grad_accum_steps, 8, 17) and windows.dtype == np.uint8
-        assert windows.sharding.spec == P(None, None, "data")  # rows split over the devices, like the device batch
+        assert windows.sharding.spec == P(
+            None, None, "data"
+        )  # rows split over the devices, like the device batch
         for i in range(n):
             batch_keys_G, _ = data.step_keys(key, first + i, grad_accum_steps)
             for g in range(grad_accum_steps):
@@ -167,8 +175,14 @@ def test_host_windows_equal_the_device_windows(grad_accum_steps, prng_impl, monk
 
 def test_training_from_the_host_equals_training_on_the_device(tiny_cfg, small_text_path, tmp_path):
     """device_data_budget 0: both splits batched on the host; the same run, number for number."""
-    tiny_cfg.update(max_iters=4, steps_per_call=2, grad_accum_steps=2, log_interval=2, eval_interval=4,
-                    checkpoint_interval=4)
+    tiny_cfg.update(
+        max_iters=4,
+        steps_per_call=2,
+        grad_accum_steps=2,
+        log_interval=2,
+        eval_interval=4,
+        checkpoint_interval=4,
+    )
     on_device = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "device"), small_text_path)
     tiny_cfg.device_data_budget = 0
     on_host = train(tiny_cfg, str(tmp_path / "host"), small_text_path)
@@ -178,4 +192,6 @@ def test_training_from_the_host_equals_training_on_the_device(tiny_cfg, small_te
         for key in ("loss", "train_loss", "val_loss"):
             if key in device_record:
                 assert host_record[key] == pytest.approx(device_record[key], abs=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), on_host.params, on_device.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), on_host.params, on_device.params
+    )

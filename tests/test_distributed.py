@@ -1,7 +1,7 @@
 """Runs of two processes x 4 simulated CPU devices (jax.distributed on localhost) against one process
 with 8 devices: the same losses and parameters, checkpoints that restore on any topology, a stop
 signal to one process that stops both, and a killed process that ends the run."""
-import json
+
 import os
 import shutil
 import signal
@@ -41,16 +41,39 @@ class TwoProcesses:
         with socket.socket() as s:  # a free port for the coordinator
             s.bind(("localhost", 0))
             port = s.getsockname()[1]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   ORPHEUS_CACHE=str(cache))
-        args = [sys.executable, os.path.join(REPO, "train.py"), "--config", os.path.join(REPO, "configs", "tiny.py"),
-                "--workdir", str(workdir), "--data", data_path, "--coordinator_address", f"localhost:{port}",
-                "--num_processes", "2", f"--heartbeat_timeout_seconds={HEARTBEAT_S}",
-                *[f"--config.{k}={v}" for k, v in dict(SETTINGS, **overrides).items()]]
+        env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            ORPHEUS_CACHE=str(cache),
+        )
+        args = [
+            sys.executable,
+            os.path.join(REPO, "train.py"),
+            "--config",
+            os.path.join(REPO, "configs", "tiny.py"),
+            "--workdir",
+            str(workdir),
+            "--data",
+            data_path,
+            "--coordinator_address",
+            f"localhost:{port}",
+            "--num_processes",
+            "2",
+            f"--heartbeat_timeout_seconds={HEARTBEAT_S}",
+            *[f"--config.{k}={v}" for k, v in dict(SETTINGS, **overrides).items()],
+        ]
         self.logs = [(tmp_path / f"p{i}.out", tmp_path / f"p{i}.err") for i in range(2)]
-        self.procs = [subprocess.Popen(args + ["--process_id", str(i)], cwd=REPO, env=env,
-                                       stdout=open(out, "w"), stderr=open(err, "w"))
-                      for i, (out, err) in enumerate(self.logs)]
+        self.procs = [
+            subprocess.Popen(
+                args + ["--process_id", str(i)],
+                cwd=REPO,
+                env=env,
+                stdout=open(out, "w"),
+                stderr=open(err, "w"),
+            )
+            for i, (out, err) in enumerate(self.logs)
+        ]
         self.metrics = os.path.join(workdir, "metrics.jsonl")
 
     def wait(self, timeout=240):
@@ -65,8 +88,9 @@ class TwoProcesses:
         while time.monotonic() < deadline:
             if any(p.poll() is not None for p in self.procs):
                 pytest.fail(f"a process ended early: {self.output()}")
-            if os.path.exists(self.metrics) and any(r.get("step", 0) >= step and "loss" in r
-                                                    for r in read_jsonl(self.metrics)):
+            if os.path.exists(self.metrics) and any(
+                r.get("step", 0) >= step and "loss" in r for r in read_jsonl(self.metrics)
+            ):
                 return
             time.sleep(0.2)
         pytest.fail(f"no step {step} within {timeout} s: {self.output()}")
@@ -90,8 +114,10 @@ class Reference:
         mesh = make_mesh()
         model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
         optimizer = make_optimizer(cfg)
-        self._state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer),
-                              out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh))()
+        self._state = jax.jit(
+            lambda: init_state(cfg, model_cfg, optimizer),
+            out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh),
+        )()
         self._step = make_train_step(cfg, model_cfg, optimizer, mesh)
         self._data = jax.device_put(train_tokens, replicated(mesh))
         self.losses, self.params = {}, {}
@@ -121,6 +147,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(small_text_path):
     from configs import tiny
+
     return Reference(settings(tiny.get_config()), small_text_path)
 
 
@@ -140,8 +167,16 @@ def replicated_run(small_text_path, cache, tmp_path_factory):
 def stopped_fsdp_run(small_text_path, cache, tmp_path_factory):
     """2 x 4 devices, FSDP, stopped by a SIGTERM to process 1 only: the checkpoint of the step they stopped at."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    run = TwoProcesses(tmp, tmp / "run", small_text_path, cache, max_iters=1000, eval_interval=1000,
-                       checkpoint_interval=1000, param_sharding="fsdp")
+    run = TwoProcesses(
+        tmp,
+        tmp / "run",
+        small_text_path,
+        cache,
+        max_iters=1000,
+        eval_interval=1000,
+        checkpoint_interval=1000,
+        param_sharding="fsdp",
+    )
     try:
         run.wait_for_step(3)
         run.procs[1].send_signal(signal.SIGTERM)
@@ -162,40 +197,61 @@ def test_two_processes_train_like_one(run_fixture, reference, request):
     losses = losses_of(workdir)
     assert sorted(losses) == list(range(1, last + 1))
     reference.upto(last)
-    np.testing.assert_allclose([losses[s] for s in sorted(losses)], [reference.losses[s] for s in sorted(losses)],
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        [losses[s] for s in sorted(losses)], [reference.losses[s] for s in sorted(losses)], atol=1e-5, rtol=0
+    )
     assert_trees_close(load_run(str(workdir)).params, reference.params[last])
     # Process 0 alone spoke: one progress report, and nothing from process 1.
     assert "8 cpu device(s) in 2 processes" in run.output(0) and "Compiled the train step" in run.output(0)
     assert "parameters" not in run.output(1) and "Compiled" not in run.output(1)
 
 
-@pytest.mark.parametrize("run_fixture, devices, param_sharding", [  # each count, each way, from each way
-    ("replicated_run", 8, "fsdp"), ("replicated_run", 1, "replicated"),
-    ("stopped_fsdp_run", 4, "replicated"), ("stopped_fsdp_run", 1, "fsdp"),
-])
-def test_restores_on_any_topology(run_fixture, devices, param_sharding, reference, tiny_cfg, small_text_path,
-                                  tmp_path, request):
+@pytest.mark.parametrize(
+    "run_fixture, devices, param_sharding",
+    [  # each count, each way, from each way
+        ("replicated_run", 8, "fsdp"),
+        ("replicated_run", 1, "replicated"),
+        ("stopped_fsdp_run", 4, "replicated"),
+        ("stopped_fsdp_run", 1, "fsdp"),
+    ],
+)
+def test_restores_on_any_topology(
+    run_fixture, devices, param_sharding, reference, tiny_cfg, small_text_path, tmp_path, request
+):
     """A checkpoint of 2 processes x 4 devices, continued in one process on 8, 4 or 1 devices."""
     source, _, last = request.getfixturevalue(run_fixture)
     workdir = tmp_path / "run"
     shutil.copytree(source, workdir)
-    settings(tiny_cfg, max_iters=last + 4, checkpoint_interval=1000, eval_interval=1000, param_sharding=param_sharding)
+    settings(
+        tiny_cfg,
+        max_iters=last + 4,
+        checkpoint_interval=1000,
+        eval_interval=1000,
+        param_sharding=param_sharding,
+    )
     state = train(tiny_cfg, str(workdir), small_text_path, devices=jax.devices()[:devices])
     losses = losses_of(workdir)
     assert sorted(losses) == list(range(1, last + 5))
     reference.upto(last + 4)
     continued = range(last + 1, last + 5)
-    np.testing.assert_allclose([losses[s] for s in continued], [reference.losses[s] for s in continued],
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        [losses[s] for s in continued], [reference.losses[s] for s in continued], atol=1e-5, rtol=0
+    )
     assert_trees_close(state.params, reference.params[last + 4])
 
 
 def test_a_killed_process_ends_the_run(small_text_path, cache, tmp_path):
     """kill -9 of process 1 mid-run: process 0 exits non-zero within the heartbeat timeout (no hang),
     and the checkpoints on disk are whole: the latest restores."""
-    run = TwoProcesses(tmp_path, tmp_path / "run", small_text_path, cache, max_iters=1000, eval_interval=1000,
-                       checkpoint_interval=2)
+    run = TwoProcesses(
+        tmp_path,
+        tmp_path / "run",
+        small_text_path,
+        cache,
+        max_iters=1000,
+        eval_interval=1000,
+        checkpoint_interval=2,
+    )
     try:
         run.wait_for_step(5)
         run.procs[1].kill()

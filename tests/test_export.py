@@ -1,7 +1,9 @@
 """ONNX export: onnxruntime against JAX's model.forward and cached logits, the seed's file format,
 and greedy text from ONNX Runtime alone against sample.py's."""
+
 import json
 import os
+
 import jax
 import numpy as np
 import pytest
@@ -22,8 +24,15 @@ def session(model):
 
 
 def model_and_params(pos_encoding, attn_scale):
-    c = GPTConfig(vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=32, block_size=16,
-                  pos_encoding=pos_encoding, attn_scale=attn_scale)
+    c = GPTConfig(
+        vocab_size=len(CHARS),
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        pos_encoding=pos_encoding,
+        attn_scale=attn_scale,
+    )
     # Larger than init weights: logits of a few units, so 1e-4 is a real bound.
     return c, jax.tree.map(lambda a: a * 4, init_params(c, jax.random.key(0)))
 
@@ -41,8 +50,10 @@ def test_forward_graph_matches_jax(pos_encoding, attn_scale):
         got = sess.run(["output"], {"input": tokens})[0]
         want = np.asarray(forward(c, params, tokens.astype(np.int32)))
         diff = np.abs(got - want).max()
-        print(f"{pos_encoding}/{attn_scale} batch {batch} x {length}: max |onnxruntime - jax| = {diff:.2e} "
-              f"(logits up to {np.abs(want).max():.1f})")
+        print(
+            f"{pos_encoding}/{attn_scale} batch {batch} x {length}: max |onnxruntime - jax| = {diff:.2e} "
+            f"(logits up to {np.abs(want).max():.1f})"
+        )
         assert got.shape == (batch, length, c.vocab_size) and got.dtype == np.float32
         assert diff < 1e-4
 
@@ -50,7 +61,10 @@ def test_forward_graph_matches_jax(pos_encoding, attn_scale):
 @pytest.mark.parametrize("pos_encoding, attn_scale", VARIANTS[:3])
 def test_prefill_and_step_match_jax(pos_encoding, attn_scale):
     c, params = model_and_params(pos_encoding, attn_scale)
-    prefill, step = session(decode_model(c, params, CHARS, step=False)), session(decode_model(c, params, CHARS, step=True))
+    prefill, step = (
+        session(decode_model(c, params, CHARS, step=False)),
+        session(decode_model(c, params, CHARS, step=True)),
+    )
     past_names = [i.name for i in step.get_inputs()][2:]
     assert past_names == [f"past.{i}.{kv}" for i in range(c.n_layer) for kv in ("key", "value")]
     B, L, prompt_len = 2, c.block_size, 5
@@ -59,8 +73,10 @@ def test_prefill_and_step_match_jax(pos_encoding, attn_scale):
     logits, *kv = prefill.run(None, {"input": tokens[:, :prompt_len]})
     np.testing.assert_allclose(logits, full[:, :prompt_len], atol=1e-4, rtol=0)
     for t in range(prompt_len, L):  # every later position, one token at a time
-        logits, *kv = step.run(None, {"input": tokens[:, t:t + 1], "position": np.array(t, np.int64),
-                                      **dict(zip(past_names, kv))})
+        logits, *kv = step.run(
+            None,
+            {"input": tokens[:, t : t + 1], "position": np.array(t, np.int64), **dict(zip(past_names, kv))},
+        )
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
     # The buffers are the sampler's cache, laid out (B, H, L, K) instead of (B * H, L, K).
     _, cache = forward_cached(c, params, tokens.astype(np.int32), empty_cache(c, B), 0)
@@ -70,6 +86,7 @@ def test_prefill_and_step_match_jax(pos_encoding, attn_scale):
 
 def test_export_py_writes_the_seeds_file_format(tiny_run, tmp_path):
     from orpheus_jax.checkpoint import load_run
+
     path = str(tmp_path / "orpheus.onnx")
     result = run("export.py", "--workdir", tiny_run, "--onnx", path, "--decode")
     assert result.returncode == 0, result.stderr
@@ -78,15 +95,23 @@ def test_export_py_writes_the_seeds_file_format(tiny_run, tmp_path):
     model = onnx.load(path)
     dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
     (inp,), (out,) = model.graph.input, model.graph.output
-    assert (inp.name, inp.type.tensor_type.elem_type, dims(inp)) == \
-        ("input", onnx.TensorProto.INT64, ["batch_size", "sequence_length"])
-    assert (out.name, out.type.tensor_type.elem_type, dims(out)) == \
-        ("output", onnx.TensorProto.FLOAT, ["batch_size", "sequence_length", run_.tokenizer.vocab_size])
+    assert (inp.name, inp.type.tensor_type.elem_type, dims(inp)) == (
+        "input",
+        onnx.TensorProto.INT64,
+        ["batch_size", "sequence_length"],
+    )
+    assert (out.name, out.type.tensor_type.elem_type, dims(out)) == (
+        "output",
+        onnx.TensorProto.FLOAT,
+        ["batch_size", "sequence_length", run_.tokenizer.vocab_size],
+    )
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     assert json.loads(sess.get_modelmeta().custom_metadata_map["vocab"]) == run_.tokenizer.chars
     for batch, length in ((1, 32), (4, 9)):
         tokens = np.random.default_rng(batch).integers(0, run_.tokenizer.vocab_size, (batch, length))
-        diff = np.abs(sess.run(None, {"input": tokens})[0] - np.asarray(forward(run_.model_cfg, run_.params, tokens))).max()
+        diff = np.abs(
+            sess.run(None, {"input": tokens})[0] - np.asarray(forward(run_.model_cfg, run_.params, tokens))
+        ).max()
         print(f"tiny run, batch {batch} x {length}: max |onnxruntime - jax| = {diff:.2e}")
         assert diff < 1e-4
 
@@ -96,8 +121,14 @@ def seed_run(tmp_path_factory, iliad_path):
     """The seed fixture's weights as a run: a random-looking model whose greedy text is not a loop at once."""
     from configs import orpheus_seed
     from orpheus_jax.seed_import import import_seed
+
     workdir = str(tmp_path_factory.mktemp("seed") / "run")
-    import_seed(os.path.join(REPO, "tests", "fixtures", "seed_model.pth"), workdir, iliad_path, orpheus_seed.get_config())
+    import_seed(
+        os.path.join(REPO, "tests", "fixtures", "seed_model.pth"),
+        workdir,
+        iliad_path,
+        orpheus_seed.get_config(),
+    )
     return workdir
 
 
@@ -108,14 +139,33 @@ def test_greedy_text_from_onnx_runtime_equals_sample_py(which, request, tmp_path
     assert run("export.py", "--workdir", workdir, "--onnx", path, "--decode").returncode == 0
     block_size = json.load(open(os.path.join(workdir, "config.json")))["block_size"]
     with open(iliad_path, encoding="utf-8") as f:
-        prompt = f.read(2000)[-(block_size + 7):]  # longer than the buffer: both keep its last block_size
+        prompt = f.read(2000)[-(block_size + 7) :]  # longer than the buffer: both keep its last block_size
     n = 4 * block_size  # the buffers fill and refill (every block_size // 2 characters) several times
-    ours = run("examples/onnx_generate.py", "--prefill", str(tmp_path / "m.prefill.onnx"),
-               "--step", str(tmp_path / "m.step.onnx"), "--prompt", prompt, "--max_new_tokens", str(n))
-    theirs = run("sample.py", "--workdir", workdir, "--prompt", prompt, "--max_new_tokens", str(n), "--temperature", "0")
+    ours = run(
+        "examples/onnx_generate.py",
+        "--prefill",
+        str(tmp_path / "m.prefill.onnx"),
+        "--step",
+        str(tmp_path / "m.step.onnx"),
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        str(n),
+    )
+    theirs = run(
+        "sample.py",
+        "--workdir",
+        workdir,
+        "--prompt",
+        prompt,
+        "--max_new_tokens",
+        str(n),
+        "--temperature",
+        "0",
+    )
     assert ours.returncode == 0 and theirs.returncode == 0, ours.stderr + theirs.stderr
     assert ours.stdout == theirs.stdout
-    assert len(ours.stdout) == len(prompt) + n + 1 and len(set(ours.stdout[len(prompt):])) > 2
+    assert len(ours.stdout) == len(prompt) + n + 1 and len(set(ours.stdout[len(prompt) :])) > 2
 
 
 def test_export_py_errors_are_one_line(tmp_path):

@@ -1,5 +1,6 @@
 """Faults that must not lose work, through train.py as a user runs it: divergence, two runs on one
 workdir, a run killed with -9, a disk that fills up or turns read-only."""
+
 import json
 import os
 import random
@@ -10,15 +11,16 @@ import sys
 import time
 
 import pytest
-
 from script_runner import REPO, assert_one_line_error, run
 from test_cli import TINY, trained  # noqa: F401 (a fixture)
 
 
 def strict_records(workdir):
     """metrics.jsonl read as strict JSON: NaN/Infinity tokens are refused."""
+
     def refuse(token):
         raise ValueError(f"non-strict JSON token {token}")
+
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line, parse_constant=refuse) for line in f]
 
@@ -28,8 +30,13 @@ def checkpoints(workdir):
 
 
 def start(*args):
-    return subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *args], cwd=REPO, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(REPO, "train.py"), *args],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def wait_for_step(workdir, beyond, proc, timeout=120):
@@ -39,7 +46,9 @@ def wait_for_step(workdir, beyond, proc, timeout=120):
         assert proc.poll() is None, proc.communicate()
         path = os.path.join(workdir, "metrics.jsonl")
         if os.path.exists(path):
-            steps = [r["step"] for r in map(json.loads, open(path).read().splitlines()[:-1] or []) if "loss" in r]
+            steps = [
+                r["step"] for r in map(json.loads, open(path).read().splitlines()[:-1] or []) if "loss" in r
+            ]
             if steps and max(steps) > beyond:
                 return max(steps)
         time.sleep(0.05)
@@ -52,10 +61,17 @@ def test_divergence_stops_at_once_and_keeps_the_good_checkpoints(small_text_path
     assert run("train.py", *args, "--config.max_iters=40").returncode == 0
     assert checkpoints(workdir) == [20, 30, 40]
 
-    result = run("train.py", *args, "--config.max_iters=100", "--config.learning_rate=1e6", "--config.grad_clip=0",
-                 "--config.lr_decay_iters=100")  # else the resumed run keeps its decayed schedule
-    assert_one_line_error(result, "training diverged at step", "the last checkpoint, step 40, is good",
-                          "--config.learning_rate")
+    result = run(
+        "train.py",
+        *args,
+        "--config.max_iters=100",
+        "--config.learning_rate=1e6",
+        "--config.grad_clip=0",
+        "--config.lr_decay_iters=100",
+    )  # else the resumed run keeps its decayed schedule
+    assert_one_line_error(
+        result, "training diverged at step", "the last checkpoint, step 40, is good", "--config.learning_rate"
+    )
     assert "Done" not in result.stdout
     assert checkpoints(workdir) == [20, 30, 40]  # nothing saved from a non-finite state, nothing rotated out
     strict_records(workdir)
@@ -70,8 +86,16 @@ def test_divergence_stops_at_once_and_keeps_the_good_checkpoints(small_text_path
 
 def test_a_second_run_on_a_busy_workdir_is_refused(small_text_path, tmp_path):
     workdir = str(tmp_path / "run")
-    args = [*TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=1000000",
-            "--config.eval_interval=1000000", "--config.checkpoint_interval=1000000"]
+    args = [
+        *TINY,
+        "--workdir",
+        workdir,
+        "--data",
+        small_text_path,
+        "--config.max_iters=1000000",
+        "--config.eval_interval=1000000",
+        "--config.checkpoint_interval=1000000",
+    ]
     first = start(*args)
     try:
         wait_for_step(workdir, 0, first)
@@ -103,8 +127,17 @@ def test_a_hold_left_by_a_killed_run_is_taken_over(small_text_path, tmp_path):
 
 def test_kill_9_at_random_moments_then_resume_logs_each_step_once(small_text_path, tmp_path):
     workdir = str(tmp_path / "run")
-    args = [*TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=60",
-            "--config.log_interval=1", "--config.eval_interval=10", "--config.checkpoint_interval=10"]
+    args = [
+        *TINY,
+        "--workdir",
+        workdir,
+        "--data",
+        small_text_path,
+        "--config.max_iters=60",
+        "--config.log_interval=1",
+        "--config.eval_interval=10",
+        "--config.checkpoint_interval=10",
+    ]
     rng = random.Random(0)
     last = 0
     for _ in range(3):
@@ -146,8 +179,12 @@ def test_a_full_disk_ends_in_one_sentence(trained, small_text_path, small_filesy
         free = os.statvfs(small_filesystem).f_bavail * os.statvfs(small_filesystem).f_frsize
         f.write(b"\0" * (free - 100_000))
     result = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30")
-    assert_one_line_error(result, "cannot write checkpoint 30", "no space left on device",
-                          "the last complete checkpoint, step 20, is intact")
+    assert_one_line_error(
+        result,
+        "cannot write checkpoint 30",
+        "no space left on device",
+        "the last complete checkpoint, step 20, is intact",
+    )
     assert checkpoints(workdir) == [10, 20]
 
 
@@ -156,7 +193,9 @@ def test_a_read_only_workdir_ends_in_one_sentence(trained, small_text_path, smal
     shutil.copytree(trained[0], workdir, ignore=lambda d, names: ["20"] if d.endswith("checkpoints") else [])
     assert subprocess.run(["mount", "-o", "remount,ro", small_filesystem]).returncode == 0
     result = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30")
-    assert_one_line_error(result, "cannot use workdir", "read-only file system", "its checkpoints are untouched")
+    assert_one_line_error(
+        result, "cannot use workdir", "read-only file system", "its checkpoints are untouched"
+    )
     assert checkpoints(workdir) == [10]
 
 
@@ -166,5 +205,10 @@ def test_an_unwritable_workdir_ends_in_one_sentence(trained, small_text_path, tm
     shutil.copytree(trained[0], workdir)
     os.chmod(os.path.join(workdir, "metrics.jsonl"), 0o444)
     result = run("train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=30")
-    assert_one_line_error(result, "cannot write", "metrics.jsonl", "permission denied",
-                          "the last complete checkpoint, step 20, is intact")
+    assert_one_line_error(
+        result,
+        "cannot write",
+        "metrics.jsonl",
+        "permission denied",
+        "the last complete checkpoint, step 20, is intact",
+    )

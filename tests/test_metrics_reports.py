@@ -1,4 +1,5 @@
 """metrics.jsonl, TensorBoard event files (read back with TensorBoard's own reader), the loss plot, MFU."""
+
 import json
 import os
 import types
@@ -11,11 +12,27 @@ from orpheus_jax import metrics
 from orpheus_jax.metrics import MetricsLog, flops_per_token, mfu, peak_flops, plot_losses, read_jsonl
 
 
-@pytest.mark.parametrize("kind, tflops", [
-    ("NVIDIA A100-SXM4-40GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA H100 80GB HBM3", 989),
-    ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA L4", 121), ("TPU v4", 275),
-    ("TPU v5 lite", 197), ("TPU v5", 459), ("TPU v5p", 459), ("TPU v6 lite", 918),
-    ("cpu", None), ("Tesla T4", None), ("NVIDIA L40S", None), ("TPU v4 lite", None), ("TPU v7x", None)])
+@pytest.mark.parametrize(
+    "kind, tflops",
+    [
+        ("NVIDIA A100-SXM4-40GB", 312),
+        ("NVIDIA A100 80GB PCIe", 312),
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H200", 989),
+        ("NVIDIA L4", 121),
+        ("TPU v4", 275),
+        ("TPU v5 lite", 197),
+        ("TPU v5", 459),
+        ("TPU v5p", 459),
+        ("TPU v6 lite", 918),
+        ("cpu", None),
+        ("Tesla T4", None),
+        ("NVIDIA L40S", None),
+        ("TPU v4 lite", None),
+        ("TPU v7x", None),
+    ],
+)
 def test_peak_by_device_kind(kind, tflops):
     assert peak_flops(kind) == (None if tflops is None else tflops * 1e12)
 
@@ -35,6 +52,7 @@ def test_flops_per_token_is_close_to_what_xla_counts():
     from orpheus_jax.optim import make_optimizer
     from orpheus_jax.sharding import make_mesh
     from orpheus_jax.train import init_state, make_train_step
+
     cfg = tiny.get_config()
     cfg.update(n_layer=2, n_head=2, n_embd=128, block_size=64, batch_size=8, dropout=0.0, cpu_dots="xla")
     model_cfg, optimizer = GPTConfig.from_run_config(cfg, 66), make_optimizer(cfg)
@@ -65,8 +83,13 @@ def test_tensorboard_events_and_jsonl_agree_and_resume_drops_later_steps(tmp_pat
     assert scalars["eval/train_loss"] == [(20, 0.25)] and scalars["eval/val_loss"] == [(20, 0.375)]
     assert "perf/mfu" not in scalars  # None: not measured, not written
     assert texts["eval/sample/text_summary"] == [(20, "```\nHector\n```")]
-    assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_jsonl(path)] == \
-        [(0, 10.0, None), (5, 5.0, None), (10, 0.0, None), (15, 0.5, None), (20, None, 0.375)]
+    assert [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_jsonl(path)] == [
+        (0, 10.0, None),
+        (5, 5.0, None),
+        (10, 0.0, None),
+        (15, 0.5, None),
+        (20, None, 0.375),
+    ]
     # A fresh start in the same directory (no checkpoint) hides everything that came before.
     MetricsLog(path, None, tensorboard_dir=str(tmp_path)).write(0, loss=4.0)
     assert {tag: v for tag, v in read_events(tmp_path)[0].items() if v} == {"train/loss": [(0, 4.0)]}
@@ -81,25 +104,38 @@ def test_nan_is_null_in_jsonl_and_text_goes_to_tensorboard_only(tmp_path):
 
 
 def test_plot_draws_each_runs_losses(tmp_path):
-    a = [{"step": 0, "train_loss": 4.2, "val_loss": 4.3}, {"step": 5, "loss": 3.0, "lr": 1e-3},
-         {"step": 10, "loss": 2.5}, {"step": 10, "train_loss": 2.4, "val_loss": 2.6}]
+    a = [
+        {"step": 0, "train_loss": 4.2, "val_loss": 4.3},
+        {"step": 5, "loss": 3.0, "lr": 1e-3},
+        {"step": 10, "loss": 2.5},
+        {"step": 10, "train_loss": 2.4, "val_loss": 2.6},
+    ]
     b = [{"step": 0, "train_loss": 4.1, "val_loss": 4.0}, {"step": 20, "train_loss": None, "val_loss": 1.9}]
     out = str(tmp_path / "losses.png")
     fig = plot_losses({"a": a, "b": b}, out)
-    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].get_lines()}
-    assert lines == {"a: train (logged batch)": ([5, 10], [3.0, 2.5]), "a: train (eval)": ([0, 10], [4.2, 2.4]),
-                     "a: val (eval)": ([0, 10], [4.3, 2.6]), "b: train (eval)": ([0], [4.1]),
-                     "b: val (eval)": ([0, 20], [4.0, 1.9])}
+    lines = {
+        line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].get_lines()
+    }
+    assert lines == {
+        "a: train (logged batch)": ([5, 10], [3.0, 2.5]),
+        "a: train (eval)": ([0, 10], [4.2, 2.4]),
+        "a: val (eval)": ([0, 10], [4.3, 2.6]),
+        "b: train (eval)": ([0], [4.1]),
+        "b: val (eval)": ([0, 20], [4.0, 1.9]),
+    }
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == list(lines)
     image = __import__("matplotlib.image").image.imread(out)
     assert image.shape[:2] == (550, 900) and not os.path.exists(out + ".tmp")
 
 
-def test_training_writes_mfu_where_the_peak_is_known(tiny_cfg, small_text_path, tmp_path, monkeypatch, read_events):
+def test_training_writes_mfu_where_the_peak_is_known(
+    tiny_cfg, small_text_path, tmp_path, monkeypatch, read_events
+):
     """The CPU has no peak: pretend it has 1 TFLOP/s and check the MFU of every log line against
     its tokens/s, over a 2-device mesh (so the peak counts twice)."""
-    from orpheus_jax.model import count_params, init_params, GPTConfig
+    from orpheus_jax.model import GPTConfig, count_params, init_params
     from orpheus_jax.train import train
+
     monkeypatch.setattr(metrics, "peak_flops", lambda kind: 1e12 if kind == "cpu" else None)
     tiny_cfg.update(max_iters=10, eval_interval=10, checkpoint_interval=10)
     train(tiny_cfg, str(tmp_path), small_text_path, devices=jax.devices()[:2])

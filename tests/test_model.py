@@ -2,8 +2,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from numpy_reference import numpy_forward
+
 from orpheus_jax.model import GPTConfig, count_params, forward, init_params
 
 TINY = GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8, dropout=0.1)
@@ -50,9 +50,11 @@ def test_dropout_only_when_not_deterministic():
 @pytest.mark.parametrize("dropout_rng", ["jax", "hash"])
 def test_dropout_masks_have_the_right_rate_and_vary(dropout_rng):
     from orpheus_jax.model import Dropout
+
     x = jnp.ones((64, 6, 64, 64))
-    drop = lambda seed: Dropout(0.2, dropout_rng).apply({}, x, deterministic=False,
-                                                        rngs={"dropout": jax.random.key(seed)})
+    drop = lambda seed: Dropout(0.2, dropout_rng).apply(
+        {}, x, deterministic=False, rngs={"dropout": jax.random.key(seed)}
+    )
     a, b = np.asarray(drop(0)), np.asarray(drop(1))
     assert set(np.unique(a).tolist()) == {0.0, 1.25}  # inverted dropout: kept values scaled by 1/0.8
     assert abs((a == 0).mean() - 0.2) < 0.002 and abs((b == 0).mean() - 0.2) < 0.002
@@ -79,6 +81,7 @@ def test_bfloat16_gradients_stay_close_to_float32(iliad_path):
     that feed them. Every gradient then stays within a few percent of float32's (lm_head's bias was
     26% off with the lookups and logits in bf16)."""
     import optax
+
     text = open(iliad_path, encoding="utf-8").read()
     chars = sorted(set(text))
     ids = np.array([chars.index(ch) for ch in text[:100_000]])
@@ -86,9 +89,11 @@ def test_bfloat16_gradients_stay_close_to_float32(iliad_path):
     c16 = GPTConfig(**{**c32.__dict__, "dtype": "bfloat16"})
     params = init_params(c32, jax.random.key(0))
     starts = np.random.default_rng(0).integers(0, len(ids) - 65, 32)
-    window = np.stack([ids[s:s + 65] for s in starts])
+    window = np.stack([ids[s : s + 65] for s in starts])
     x, y = jnp.asarray(window[:, :-1]), jnp.asarray(window[:, 1:])
-    grad = lambda c: jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(forward(c, p, x), y).mean())(params)
+    grad = lambda c: jax.grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(forward(c, p, x), y).mean()
+    )(params)
     g32, g16 = grad(c32), grad(c16)
     assert {a.dtype for a in jax.tree.leaves(g16)} == {jnp.dtype("float32")}
     rel = jax.tree.map(lambda a, b: float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a)), g32, g16)

@@ -1,4 +1,5 @@
 """The Colab notebook, executed on the CPU with a tiny config (ORPHEUS_NOTEBOOK_TEST=1), as committed."""
+
 import json
 import os
 import sys
@@ -23,20 +24,35 @@ def kernel_of_this_python(tmp_path, monkeypatch):
     """A kernelspec running this interpreter, whatever 'python3' means elsewhere on the machine."""
     spec = tmp_path / "jupyter" / "kernels" / "orpheus-test"
     spec.mkdir(parents=True)
-    (spec / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": "orpheus-test", "language": "python"}))
+    (spec / "kernel.json").write_text(
+        json.dumps(
+            {
+                "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+                "display_name": "orpheus-test",
+                "language": "python",
+            }
+        )
+    )
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     return "orpheus-test"
 
 
 def test_notebook_runs_every_cell_and_samples(kernel_of_this_python, iliad_path, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    env = dict(os.environ, ORPHEUS_NOTEBOOK_TEST="1", ORPHEUS_NOTEBOOK_RUNS=str(tmp_path / "runs"),
-               ORPHEUS_DATA=iliad_path, ORPHEUS_CACHE=str(tmp_path / "cache"),
-               TPU_ACCELERATOR_TYPE="v5litepod-1")  # looks like a TPU runtime whose JAX sees only the CPU
-    client = NotebookClient(nb, timeout=600, kernel_name=kernel_of_this_python,
-                            resources={"metadata": {"path": os.path.join(REPO, "notebooks")}})
+    env = dict(
+        os.environ,
+        ORPHEUS_NOTEBOOK_TEST="1",
+        ORPHEUS_NOTEBOOK_RUNS=str(tmp_path / "runs"),
+        ORPHEUS_DATA=iliad_path,
+        ORPHEUS_CACHE=str(tmp_path / "cache"),
+        TPU_ACCELERATOR_TYPE="v5litepod-1",
+    )  # looks like a TPU runtime whose JAX sees only the CPU
+    client = NotebookClient(
+        nb,
+        timeout=600,
+        kernel_name=kernel_of_this_python,
+        resources={"metadata": {"path": os.path.join(REPO, "notebooks")}},
+    )
     client.execute(env=env)  # raises CellExecutionError, naming the cell, if any cell fails
 
     def text(cell):

@@ -1,5 +1,6 @@
 """The optimizer chains against independent references: optax's own Adam, PyTorch's Adam formula in
 NumPy, nanoGPT's warmup formula, SVDs of Muon's updates."""
+
 import jax
 import numpy as np
 import optax
@@ -23,17 +24,21 @@ def torch_adam_numpy(params, grads_seq, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
             p, m, v = state
             m = b1 * m + (1 - b1) * g
             v = b2 * v + (1 - b2) * g * g
-            denom = np.sqrt(v) / np.sqrt(1 - b2 ** t) + eps
-            state[:] = [p - lr / (1 - b1 ** t) * m / denom, m, v]
+            denom = np.sqrt(v) / np.sqrt(1 - b2**t) + eps
+            state[:] = [p - lr / (1 - b1**t) * m / denom, m, v]
     return [s[0] for s in out]
 
 
 def test_seed_recipe_is_adam_with_torch_defaults():
     cfg = orpheus_seed.get_config()
-    params = init_params(GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, block_size=4), jax.random.key(0))
+    params = init_params(
+        GPTConfig(vocab_size=11, n_layer=1, n_head=2, n_embd=8, block_size=4), jax.random.key(0)
+    )
     rng = np.random.default_rng(0)
-    grads_seq = [jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 10 ** rng.uniform(-4, 1),
-                              params) for _ in range(6)]
+    grads_seq = [
+        jax.tree.map(lambda p: rng.normal(size=p.shape).astype(np.float32) * 10 ** rng.uniform(-4, 1), params)
+        for _ in range(6)
+    ]
     ours, ref = make_optimizer(cfg), optax.adam(1e-3)  # optax.adam: b1 0.9, b2 0.999, eps 1e-8
 
     @jax.jit
@@ -50,11 +55,15 @@ def test_seed_recipe_is_adam_with_torch_defaults():
     leaves = jax.tree.leaves(p_ours)
     for a, b in zip(leaves, jax.tree.leaves(p_ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    torch_like = torch_adam_numpy([np.asarray(x) for x in jax.tree.leaves(params)],
-                                  [[np.asarray(g) for g in jax.tree.leaves(gs)] for gs in grads_seq])
+    torch_like = torch_adam_numpy(
+        [np.asarray(x) for x in jax.tree.leaves(params)],
+        [[np.asarray(g) for g in jax.tree.leaves(gs)] for gs in grads_seq],
+    )
     for a, b in zip(leaves, torch_like):
         np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-6)
-    moved = sum(float(np.abs(np.asarray(a) - np.asarray(p)).max()) for a, p in zip(leaves, jax.tree.leaves(params)))
+    moved = sum(
+        float(np.abs(np.asarray(a) - np.asarray(p)).max()) for a, p in zip(leaves, jax.tree.leaves(params))
+    )
     assert moved > 1e-3  # the updates were applied (Adam moves each weight by about lr per step)
 
 
@@ -89,7 +98,9 @@ def test_no_decay_on_biases_layernorm_and_embeddings(tiny_cfg):
     optimizer = make_optimizer(tiny_cfg)
     state = init_state(tiny_cfg, model_cfg, optimizer)
     updates, _ = optimizer.update(jax.tree.map(np.zeros_like, state.params), state.opt_state, state.params)
-    moved = jax.tree_util.tree_map_with_path(lambda path, u: (path[-1].key, bool(np.abs(u).max() > 0)), updates)
+    moved = jax.tree_util.tree_map_with_path(
+        lambda path, u: (path[-1].key, bool(np.abs(u).max() > 0)), updates
+    )
     for name, did_move in jax.tree.leaves(moved, is_leaf=lambda x: isinstance(x, tuple)):
         assert did_move == (name == "kernel"), name
 
@@ -104,18 +115,28 @@ def first_update(cfg, params):
 def test_muon_takes_the_blocks_matrices_adamw_the_rest(tiny_cfg):
     tiny_cfg.optimizer, tiny_cfg.grad_clip, tiny_cfg.warmup_iters = "muon", 0.0, 0  # the peak rates at step 1
     params = init_params(CFG, jax.random.key(0))
-    dims = {jax.tree_util.keystr(p): d for p, d in
-            jax.tree_util.tree_flatten_with_path(muon_dimensions(params), is_leaf=lambda x: x is None or
-                                                 isinstance(x, tuple))[0]}
+    dims = {
+        jax.tree_util.keystr(p): d
+        for p, d in jax.tree_util.tree_flatten_with_path(
+            muon_dimensions(params), is_leaf=lambda x: x is None or isinstance(x, tuple)
+        )[0]
+    }
     grads, updates = first_update(tiny_cfg, params)
-    flat = lambda tree: {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat = lambda tree: {
+        jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
     grads, updates = flat(grads), flat(updates)
-    muon_lr, adam_lr = float(lr_schedule(tiny_cfg, tiny_cfg.muon_learning_rate)(0)), float(lr_schedule(tiny_cfg)(0))
+    muon_lr, adam_lr = (
+        float(lr_schedule(tiny_cfg, tiny_cfg.muon_learning_rate)(0)),
+        float(lr_schedule(tiny_cfg)(0)),
+    )
     for name, update in updates.items():
         if dims.get(name) is None:  # AdamW's first step: -lr * sign(gradient), with optax muon's Nesterov
             assert "block_" not in name or "kernel" not in name, name  # momentum: times 1 + b1 / (1 + b1)
             nesterov = 1 + tiny_cfg.beta1 / (1 + tiny_cfg.beta1)
-            np.testing.assert_allclose(update, -adam_lr * nesterov * np.sign(grads[name]), rtol=1e-3, err_msg=name)
+            np.testing.assert_allclose(
+                update, -adam_lr * nesterov * np.sign(grads[name]), rtol=1e-3, err_msg=name
+            )
         else:  # Muon: the gradient orthogonalized over (input axes, output axes): equal singular values
             n_in = len(dims[name].reduction_axis)
             matrix = update.reshape(int(np.prod(update.shape[:n_in])), -1)

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-
 from numpy_reference import numpy_forward
+
 from orpheus_jax.model import GPTConfig, empty_cache, forward, forward_cached, init_params
 from orpheus_jax.sampler import Sampler, cast_weights, filter_logits, quantize_int8, sample_tokens
 
@@ -21,8 +21,9 @@ def params():
     return jax.tree.map(lambda a: a * 4, init_params(CFG, jax.random.key(0)))
 
 
-@pytest.mark.parametrize("cfg, weights", [(CFG, "float32"), (BLOCKED, "float32"), (BLOCKED, "bfloat16"),
-                                           (BLOCKED, "int8")])
+@pytest.mark.parametrize(
+    "cfg, weights", [(CFG, "float32"), (BLOCKED, "float32"), (BLOCKED, "bfloat16"), (BLOCKED, "int8")]
+)
 def test_cached_logits_equal_full_forward_at_every_position(params, cfg, weights):
     params = cast_weights(params, weights)
     rng = np.random.default_rng(0)
@@ -33,9 +34,11 @@ def test_cached_logits_equal_full_forward_at_every_position(params, cfg, weights
         # kv_block 4 the queries cross block boundaries at positions 4, 8 and 12.
         padded = np.where(np.arange(cfg.block_size) < prompt_len, tokens, 0)
         logits, cache = forward_cached(cfg, params, jnp.asarray(padded), empty_cache(cfg, batch), 0)
-        np.testing.assert_allclose(np.asarray(logits)[:, :prompt_len], full[:, :prompt_len], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(logits)[:, :prompt_len], full[:, :prompt_len], atol=1e-5, rtol=0
+        )
         for t in range(prompt_len, cfg.block_size):
-            logits, cache = forward_cached(cfg, params, jnp.asarray(tokens[:, t:t + 1]), cache, t)
+            logits, cache = forward_cached(cfg, params, jnp.asarray(tokens[:, t : t + 1]), cache, t)
             np.testing.assert_allclose(np.asarray(logits)[:, 0], full[:, t], atol=1e-5, rtol=0)
 
 
@@ -74,9 +77,9 @@ def naive_greedy(params, prompt, n_new, cfg=CFG):
     """The seed's sampler: re-run the whole (cropped) context for every new token."""
     ids = list(prompt)
     for _ in range(n_new):
-        context = jnp.asarray([ids[-cfg.block_size:]], jnp.int32)
+        context = jnp.asarray([ids[-cfg.block_size :]], jnp.int32)
         ids.append(int(jnp.argmax(forward(cfg, params, context)[0, -1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def cached_tokens(sampler, prompt, n_new, seed=0, rows=(0,), **settings):
@@ -105,13 +108,17 @@ def test_larger_shift_agrees_until_the_first_refill(params):
 def test_long_prompt_keeps_its_last_block(params):
     prompt = np.random.default_rng(1).integers(0, CFG.vocab_size, 40)
     sampler = Sampler(CFG, params, batch_size=1, chunk=8, shift=1)
-    np.testing.assert_array_equal(cached_tokens(sampler, prompt, 10, temperature=0.0)[0],
-                                  naive_greedy(params, prompt[-CFG.block_size:].tolist(), 10))
+    np.testing.assert_array_equal(
+        cached_tokens(sampler, prompt, 10, temperature=0.0)[0],
+        naive_greedy(params, prompt[-CFG.block_size :].tolist(), 10),
+    )
 
 
 def test_filter_top_k_and_top_p_on_hand_made_logits():
     logits = jnp.log(jnp.array([[0.1, 0.4, 0.3, 0.2]]))
-    kept = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, jnp.int32(k), jnp.float32(p))))[0].tolist()
+    kept = lambda k, p: np.isfinite(np.asarray(filter_logits(logits, jnp.int32(k), jnp.float32(p))))[
+        0
+    ].tolist()
     assert kept(0, 1.0) == [True, True, True, True]
     assert kept(2, 1.0) == [False, True, True, False]
     assert kept(1, 1.0) == [False, True, False, False]
@@ -129,7 +136,9 @@ def test_draws_follow_the_filtered_distribution():
     tokens = np.asarray(sample_tokens(logits, keys, jnp.float32(1.0), jnp.int32(0), jnp.float32(1.0)))
     np.testing.assert_allclose(np.bincount(tokens, minlength=4) / len(tokens), probs, atol=0.015)
     tokens = np.asarray(sample_tokens(logits, keys, jnp.float32(1.0), jnp.int32(2), jnp.float32(1.0)))
-    np.testing.assert_allclose(np.bincount(tokens, minlength=4) / len(tokens), [0, 4 / 7, 3 / 7, 0], atol=0.015)
+    np.testing.assert_allclose(
+        np.bincount(tokens, minlength=4) / len(tokens), [0, 4 / 7, 3 / 7, 0], atol=0.015
+    )
     greedy = np.asarray(sample_tokens(logits, keys, jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0)))
     assert set(greedy.tolist()) == {1}
 
@@ -149,12 +158,17 @@ def test_seeds_and_rows(params):
 # jax < 0.8.1 (Colab's 0.7.2) has the unregister function below only under a private name.
 if not hasattr(jax.monitoring, "unregister_event_duration_listener"):
     from jax._src import monitoring as _monitoring
-    jax.monitoring.unregister_event_duration_listener = _monitoring._unregister_event_duration_listener_by_callback
+
+    jax.monitoring.unregister_event_duration_listener = (
+        _monitoring._unregister_event_duration_listener_by_callback
+    )
 
 
 def count_compiles():
     compiles = []
-    listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    listener = lambda event, duration, **kw: (
+        compiles.append(event) if event.endswith("backend_compile_duration") else None
+    )
     jax.monitoring.register_event_duration_secs_listener(listener)
     return compiles, lambda: jax.monitoring.unregister_event_duration_listener(listener)
 
@@ -166,7 +180,9 @@ def test_one_compilation_serves_every_prompt_length(params):
         cached_tokens(sampler, [1], 20, rows=[0, 1])
         after_first = len(compiles)
         for prompt_len in (2, 7, 15, 16, 30):
-            cached_tokens(sampler, list(range(prompt_len)), 12, rows=[0, 1], temperature=0.5, top_k=3, top_p=0.9)
+            cached_tokens(
+                sampler, list(range(prompt_len)), 12, rows=[0, 1], temperature=0.5, top_k=3, top_p=0.9
+            )
         assert after_first > 0 and len(compiles) == after_first
     finally:
         stop()
@@ -179,7 +195,9 @@ def test_every_product_of_the_programs_asks_for_full_float32_precision(params, w
     sampler = Sampler(CFG, params, batch_size=2, chunk=8, weights=weights)
     cached_tokens(sampler, [1, 2, 3], 20, rows=[0, 1])  # prefill, decode and refill
     for name in ("prefill", "decode", "refill"):
-        dots = [line for line in sampler._compiled[name].as_text().splitlines() if re.search(r"= \S+ dot\(", line)]
+        dots = [
+            line for line in sampler._compiled[name].as_text().splitlines() if re.search(r"= \S+ dot\(", line)
+        ]
         assert dots and all("operand_precision={highest,highest}" in line for line in dots), name
 
 
@@ -190,8 +208,10 @@ def test_top_k_keeps_exactly_k_candidates_on_random_logits(top_k):
     logits = jax.random.normal(jax.random.key(top_k), (2000, 66)) * 3
     kept = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(top_k), jnp.float32(1.0))))
     assert (kept.sum(axis=1) == top_k).all()
-    np.testing.assert_array_equal(np.sort(np.where(kept, np.asarray(logits), -np.inf), axis=1)[:, -top_k:],
-                                  np.sort(np.asarray(logits), axis=1)[:, -top_k:])
+    np.testing.assert_array_equal(
+        np.sort(np.where(kept, np.asarray(logits), -np.inf), axis=1)[:, -top_k:],
+        np.sort(np.asarray(logits), axis=1)[:, -top_k:],
+    )
     everything = np.isfinite(np.asarray(filter_logits(logits, jnp.int32(0), jnp.float32(1.0))))
     assert everything.all()
 
@@ -203,7 +223,7 @@ def test_top_k_draws_stay_in_the_top_k_of_model_logits(params):
     for row in tokens:  # each drawn token ranks first or second under the full forward of its context
         ids = list(prompt)
         for t in row:
-            logits = np.asarray(forward(CFG, params, jnp.asarray([ids[-CFG.block_size:]])))[0, -1]
+            logits = np.asarray(forward(CFG, params, jnp.asarray([ids[-CFG.block_size :]])))[0, -1]
             assert t in np.argsort(-logits)[:2]
             ids.append(int(t))
 

@@ -1,4 +1,5 @@
 """FSDP: the sharding rules, and training with sharded parameters against replicated training."""
+
 import jax
 import numpy as np
 import pytest
@@ -11,15 +12,18 @@ from orpheus_jax.tokenizer import CharTokenizer
 from orpheus_jax.train import init_state, make_train_step, state_shardings
 
 
-@pytest.mark.parametrize("shape, n, spec", [
-    ((66, 384), 8, P(None, "data")),  # the vocabulary does not divide: the embedding dimension does
-    ((384, 1536), 8, P(None, "data")),  # the largest dimension that divides
-    ((384, 6, 64), 8, P("data", None, None)),
-    ((384,), 8, P()),  # vectors stay whole
-    ((10, 10), 8, P()),  # small
-    ((66, 66), 8, P()),  # nothing divides
-    ((384, 1536), 1, P(None, "data")),  # one device: "sharded" over one is whole
-])
+@pytest.mark.parametrize(
+    "shape, n, spec",
+    [
+        ((66, 384), 8, P(None, "data")),  # the vocabulary does not divide: the embedding dimension does
+        ((384, 1536), 8, P(None, "data")),  # the largest dimension that divides
+        ((384, 6, 64), 8, P("data", None, None)),
+        ((384,), 8, P()),  # vectors stay whole
+        ((10, 10), 8, P()),  # small
+        ((66, 66), 8, P()),  # nothing divides
+        ((384, 1536), 1, P(None, "data")),  # one device: "sharded" over one is whole
+    ],
+)
 def test_fsdp_spec(shape, n, spec):
     assert fsdp_spec(shape, n) == spec
 
@@ -29,8 +33,10 @@ def run_steps(cfg, tokens, calls):
     mesh = make_mesh()
     model_cfg = GPTConfig.from_run_config(cfg, 66)
     optimizer = make_optimizer(cfg)
-    state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer),
-                    out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh))()
+    state = jax.jit(
+        lambda: init_state(cfg, model_cfg, optimizer),
+        out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh),
+    )()
     step = make_train_step(cfg, model_cfg, optimizer, mesh)
     source = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, P()))
     losses = []
@@ -50,7 +56,9 @@ def test_fsdp_trains_like_replicated(tiny_cfg, iliad_path):
     fsdp_losses, fsdp_trees, fsdp_state = run_steps(tiny_cfg, tokens, 3)
 
     np.testing.assert_allclose(fsdp_losses, replicated_losses, atol=1e-5, rtol=0)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), fsdp_trees, replicated_trees)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), fsdp_trees, replicated_trees
+    )
     assert not np.allclose(replicated_losses[0], replicated_losses[-1])  # it did train
     # And the state was sharded: each device holds an eighth of the MLP's kernel and of its Adam moments.
     kernel = fsdp_state.params["block_0"]["mlp"]["fc"]["kernel"]

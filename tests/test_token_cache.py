@@ -1,4 +1,5 @@
 """The token cache: ids exactly as CharTokenizer.encode of the whole text, in the smallest type, kept once."""
+
 import os
 
 import numpy as np
@@ -44,8 +45,10 @@ def test_chunks_boundaries_newlines_and_non_ascii(tmp_path, monkeypatch):
     monkeypatch.setattr(token_cache, "CHUNK_CHARS", 7)
     path = tmp_path / "mixed.txt"
     greek = "\u1f08\u03c7\u03b9\u03bb\u03bb\u03b5\u03cd\u03c2"
-    path.write_bytes(f"Sing, O goddess\r\nthe anger\rof Achilles {greek} \u00e9\n".encode("utf-8") * 5
-                     + b"ascii only tail, long enough for a chunk of its own\r\n")
+    path.write_bytes(
+        f"Sing, O goddess\r\nthe anger\rof Achilles {greek} \u00e9\n".encode() * 5
+        + b"ascii only tail, long enough for a chunk of its own\r\n"
+    )
     tokenizer, tokens = token_cache.load(str(path))
     expected_tokenizer, expected = reference(path)
     assert tokenizer.chars == expected_tokenizer.chars and "\r" not in tokenizer.chars

@@ -1,6 +1,6 @@
 import json
-import os
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +12,16 @@ from orpheus_jax import OrpheusError, data
 from orpheus_jax.model import GPTConfig
 from orpheus_jax.optim import make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
-from orpheus_jax.train import (estimate_loss, init_state, jaxlib_has_onednn_dots, loss_fn, make_eval_step,
-                               make_train_step, train)
 from orpheus_jax.tokenizer import CharTokenizer
+from orpheus_jax.train import (
+    estimate_loss,
+    init_state,
+    jaxlib_has_onednn_dots,
+    loss_fn,
+    make_eval_step,
+    make_train_step,
+    train,
+)
 
 
 def run_steps(cfg, tokens, devices, n):
@@ -42,13 +49,16 @@ def iliad_tokens(iliad_path):
 def test_initial_loss_is_uniform(tiny_cfg, iliad_tokens):
     model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
     state = init_state(tiny_cfg, model_cfg, make_optimizer(tiny_cfg))
-    loss = estimate_loss(make_eval_step(tiny_cfg, model_cfg, make_mesh()), state.params, iliad_tokens,
-                         jax.random.key(0), 25)
+    loss = estimate_loss(
+        make_eval_step(tiny_cfg, model_cfg, make_mesh()), state.params, iliad_tokens, jax.random.key(0), 25
+    )
     assert abs(loss - math.log(66)) < 0.05
 
 
-@pytest.mark.parametrize("prng_impl, dropout_rng", [
-    ("threefry2x32", "jax"), ("rbg", "jax"), ("unsafe_rbg", "jax"), ("threefry2x32", "hash")])
+@pytest.mark.parametrize(
+    "prng_impl, dropout_rng",
+    [("threefry2x32", "jax"), ("rbg", "jax"), ("unsafe_rbg", "jax"), ("threefry2x32", "hash")],
+)
 def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens, prng_impl, dropout_rng):
     assert len(jax.devices()) == 8
     tiny_cfg.prng_impl, tiny_cfg.dropout_rng = prng_impl, dropout_rng
@@ -70,11 +80,20 @@ def test_onednn_dots_train_like_xla_dots(tiny_cfg, iliad_tokens):
     results = {}
     for cpu_dots in ("onednn", "xla"):
         tiny_cfg.cpu_dots = cpu_dots
-        hlo = make_train_step(tiny_cfg, model_cfg, optimizer, mesh).lower(state, iliad_tokens, 1).compile().as_text()
+        hlo = (
+            make_train_step(tiny_cfg, model_cfg, optimizer, mesh)
+            .lower(state, iliad_tokens, 1)
+            .compile()
+            .as_text()
+        )
         assert ("__onednn_fusion" in hlo) == (cpu_dots == "onednn")
         results[cpu_dots] = run_steps(tiny_cfg, iliad_tokens, None, 4)
     np.testing.assert_allclose(results["onednn"][0], results["xla"][0], atol=1e-5, rtol=0)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), results["onednn"][1], results["xla"][1])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0),
+        results["onednn"][1],
+        results["xla"][1],
+    )
 
 
 def test_steps_per_call_takes_the_same_steps(tiny_cfg, iliad_tokens):
@@ -94,8 +113,10 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, iliad_tokens):
     tokens = jnp.asarray(iliad_tokens)
     # The micro-batches the step draws: key of step 0, split per micro-batch, then (batch, dropout).
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=tiny_cfg.prng_impl), 0)
-    micro = [data.sample_batch(tokens, jax.random.split(k)[0], 8, tiny_cfg.block_size)
-             for k in jax.random.split(step_key, 2)]
+    micro = [
+        data.sample_batch(tokens, jax.random.split(k)[0], 8, tiny_cfg.block_size)
+        for k in jax.random.split(step_key, 2)
+    ]
     inputs, targets = (jnp.concatenate(parts) for parts in zip(*micro))
     grads = jax.grad(lambda p: loss_fn(model_cfg, p, inputs, targets))(state.params)
     updates, _ = optimizer.update(grads, state.opt_state, state.params)
@@ -109,9 +130,19 @@ def test_overfits_a_short_text(tiny_cfg, tmp_path):
     text = "Sing, O goddess, the anger of Achilles son of Peleus. " * 4
     path = tmp_path / "short.txt"
     path.write_text(text)
-    tiny_cfg.update(block_size=16, dropout=0.0, max_iters=300, warmup_iters=10, eval_interval=300,
-                    checkpoint_interval=300, log_interval=300, eval_iters=4, val_fraction=0.25,
-                    learning_rate=1e-2, min_lr=1e-4)
+    tiny_cfg.update(
+        block_size=16,
+        dropout=0.0,
+        max_iters=300,
+        warmup_iters=10,
+        eval_interval=300,
+        checkpoint_interval=300,
+        log_interval=300,
+        eval_iters=4,
+        val_fraction=0.25,
+        learning_rate=1e-2,
+        min_lr=1e-4,
+    )
     train(tiny_cfg, str(tmp_path / "run"), str(path))
     evals = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl") if "train_loss" in line]
     # From uniform over 22 characters (ln 22 = 3.09) to little more than the first characters of
@@ -131,8 +162,9 @@ def test_resume_is_exact(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.max_iters = 8
     resumed = train(tiny_cfg, str(tmp_path / "b"), small_text_path)  # resume, N more
     assert int(resumed.step) == 8
-    np.testing.assert_array_equal(list(read_losses(tmp_path / "a").values()),
-                                  list(read_losses(tmp_path / "b").values()))
+    np.testing.assert_array_equal(
+        list(read_losses(tmp_path / "a").values()), list(read_losses(tmp_path / "b").values())
+    )
     jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
     jax.tree.map(np.testing.assert_array_equal, straight.opt_state, resumed.opt_state)
 
@@ -161,16 +193,21 @@ def test_resume_with_another_steps_per_call_lands_on_every_boundary(tiny_cfg, sm
     assert int(resumed.step) == 20
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["10", "20", "7"]
     a = read_records(tmp_path / "a")
-    b = [r for r in read_records(tmp_path / "b") if r["step"] != 7]  # the first run's end: logged and evaluated
+    b = [
+        r for r in read_records(tmp_path / "b") if r["step"] != 7
+    ]  # the first run's end: logged and evaluated
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 5, 10, 10, 15, 20, 20]
     for ra, rb in zip(a, b):
         assert ra.keys() == rb.keys()
-        np.testing.assert_allclose([ra[k] for k in ra if k != "tokens_per_s"],
-                                   [rb[k] for k in rb if k != "tokens_per_s"], rtol=1e-5)
+        np.testing.assert_allclose(
+            [ra[k] for k in ra if k != "tokens_per_s"], [rb[k] for k in rb if k != "tokens_per_s"], rtol=1e-5
+        )
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, resumed.params)
 
 
-def test_intervals_that_are_not_multiples_of_steps_per_call_are_landed_on(tiny_cfg, small_text_path, tmp_path):
+def test_intervals_that_are_not_multiples_of_steps_per_call_are_landed_on(
+    tiny_cfg, small_text_path, tmp_path
+):
     """5 steps per call with logs every 3, evaluations every 4 and 10 steps: the calls are shortened
     to hit every boundary, and the run is the one-step-per-call run."""
     tiny_cfg.update(max_iters=10, log_interval=3, eval_interval=4, checkpoint_interval=4)
@@ -181,8 +218,9 @@ def test_intervals_that_are_not_multiples_of_steps_per_call_are_landed_on(tiny_c
     assert [r["step"] for r in b] == [r["step"] for r in a] == [0, 3, 4, 6, 8, 9, 10, 10]
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints"), key=int) == ["4", "8", "10"]
     for ra, rb in zip(a, b):
-        np.testing.assert_allclose([ra[k] for k in ra if k != "tokens_per_s"], [rb[k] for k in rb if k != "tokens_per_s"],
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            [ra[k] for k in ra if k != "tokens_per_s"], [rb[k] for k in rb if k != "tokens_per_s"], rtol=1e-5
+        )
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, scanned.params)
 
 
