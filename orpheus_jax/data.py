@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from orpheus_jax import OrpheusError, os_reason
-from orpheus_jax.cache import user_cache_dir
+from orpheus_jax import OrpheusError
+from orpheus_jax.fileio import atomic_file, os_reason
 from orpheus_jax.sharding import batch_sharded, replicated
+from orpheus_jax.user_cache import user_cache_dir
 
 GUTENBERG_URL = "https://www.gutenberg.org/cache/epub/2199/pg2199.txt"
 CACHED_NAME = "iliad.txt"
@@ -54,10 +55,11 @@ def download_iliad(dest: str) -> None:
         ) from None
     text = strip_gutenberg(raw)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = dest + ".part"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, dest)
+    try:
+        with atomic_file(dest, "w", file_mode=0o644) as f:
+            f.write(text)
+    except OSError as e:
+        raise OrpheusError(f"cannot keep the downloaded Iliad at {dest}: {os_reason(e)}") from None
 
 
 def strip_gutenberg(raw: str) -> str:

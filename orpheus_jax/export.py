@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from orpheus_jax import OrpheusError, os_reason
+from orpheus_jax import OrpheusError
+from orpheus_jax.fileio import os_reason
 from orpheus_jax.model import GPTConfig, sinusoidal_positions
 
 OPSET = 17  # LayerNormalization

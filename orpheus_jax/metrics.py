@@ -8,13 +8,16 @@ tensorboardX (no TensorFlow), under the tags of TENSORBOARD_TAGS; so does text (
 evaluation), which only TensorBoard gets.
 """
 
+import contextlib
 import json
 import math
 import os
 import re
+import threading
 import time
 
-from orpheus_jax import WriteError, os_reason, write_atomically
+from orpheus_jax import WriteError
+from orpheus_jax.fileio import atomic_file, os_reason, write_atomically
 
 TENSORBOARD_TAGS = {
     "loss": "train/loss",  # the loss of the last batch before a log point
@@ -52,11 +55,12 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def flops_per_token(cfg, n_params: int) -> int:
-    """Model FLOPs to train on one token, nanoGPT's estimate: 6N for the forward and backward matmuls
-    (N = all parameters, embeddings included), plus 12 * n_layer * block_size * n_embd for attention's
-    scores and weighted sum over the full T x T square (as nanoGPT and PaLM count it; half is masked)."""
-    return 6 * n_params + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+def flops_per_token(cfg, n_matmul_params: int) -> int:
+    """Model FLOPs to train on one token, as the PaLM paper's appendix counts them: 6N for the forward
+    and backward matmuls (N = the parameters that multiply activations, model.matmul_params: not the
+    embeddings, which are looked up), plus 12 * n_layer * block_size * n_embd for attention's scores
+    and weighted sum over the full T x T square (as nanoGPT and PaLM count it; half is masked)."""
+    return 6 * n_matmul_params + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
 
 
 def mfu(tokens_per_s: float, flops_per_token: int, devices) -> float | None:
@@ -95,6 +99,7 @@ class MetricsLog:
         plot_path: str | None = None,
     ):
         self.path, self.plot_path = path, plot_path
+        self._lock = threading.Lock()  # the loss plot and the evaluation's sample are written from a thread
         if path and os.path.exists(path):
             # A run killed after its last checkpoint logged steps that the resumed run logs again:
             # keep each step once. A fresh start (no checkpoint) keeps nothing.
@@ -117,7 +122,7 @@ class MetricsLog:
             return
         values = {k: v for k, v in values.items() if v is not None}
         try:
-            with open(self.path, "a") as f:
+            with self._lock, open(self.path, "a") as f:
                 f.write(_line(dict(step=step, **values)))
             if self._events:
                 self._events.write(step, values)
@@ -128,16 +133,18 @@ class MetricsLog:
         """Text for TensorBoard's Text tab (nothing without a tensorboard_dir)."""
         if self._events:
             try:
-                self._events.write(step, {name: text})
+                with self._lock:
+                    self._events.write(step, {name: text})
             except OSError as e:
                 raise WriteError(f"cannot write {e.filename}: {os_reason(e)}") from None
 
     def plot(self) -> None:
         """Redraw the loss plot (if it has a path) from everything metrics.jsonl holds."""
         if self.plot_path:
+            with self._lock:
+                records = read_jsonl(self.path)
             plot_losses(
-                {os.path.basename(os.path.dirname(os.path.abspath(self.path))): read_jsonl(self.path)},
-                self.plot_path,
+                {os.path.basename(os.path.dirname(os.path.abspath(self.path))): records}, self.plot_path
             )
 
 
@@ -222,10 +229,9 @@ def plot_losses(runs: dict[str, list[dict]], path: str):
     ax.set_title(next(iter(runs)) if len(runs) == 1 else "losses")
     ax.grid(alpha=0.3)
     ax.legend()
-    tmp = path + ".tmp"
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format="png")
     except OSError as e:
         raise WriteError(f"cannot write {path}: {os_reason(e)}") from None
     return fig
@@ -234,3 +240,38 @@ def plot_losses(runs: dict[str, list[dict]], path: str):
 def _line(record: dict) -> str:
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     return json.dumps(clean, allow_nan=False) + "\n"
+
+
+class TimeBreakdown:
+    """Where a run's wall time went, by part (compile, training, evaluation, ...), for the line printed
+    at its end. Parts measured on a background thread (the sample and plot of each evaluation) overlap
+    the rest and are reported apart."""
+
+    def __init__(self, launched_at: float):
+        self.launched_at = launched_at  # time.perf_counter() when the process began its work
+        self.seconds = {}
+        self.background = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def part(self, name: str, background: bool = False):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                table = self.background if background else self.seconds
+                table[name] = table.get(name, 0.0) + time.perf_counter() - t0
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def summary(self) -> str:
+        total = time.perf_counter() - self.launched_at
+        parts = dict(self.seconds)
+        parts["start-up and other"] = total - sum(parts.values())
+        line = f"Time: {total:.1f} s from launch: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items())
+        if self.background:
+            line += "; beside training: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.background.items())
+        return line

@@ -5,37 +5,27 @@ it is full the sampler keeps the last block_size - shift tokens and prefills the
 the seed's crop-and-recompute exactly (every token sees the last block_size tokens); a larger shift
 refills less often, each token then seeing between block_size - shift and block_size tokens.
 
-Randomness is per row: row r of any batch draws token i with fold_in(fold_in(key(seed), r), i), so a
-row of a batch gives the same text as a batch of one with that row's index. Everything a prompt
-changes (its tokens, its length) is data, so one compilation serves every prompt for a given
-(batch, buffer, chunk).
+Randomness is per row and per token: row r draws its i-th new token with
+fold_in(fold_in(key(seed), r), i), so a row of a batch gives the same text as a batch of one with that
+row's index, and how the tokens are grouped into calls changes nothing. Everything a prompt changes
+(its tokens, its length) is data, so one compilation serves every prompt for a given (batch, buffer,
+chunk).
 
-Start-up: `Sampler.from_run` keeps the compiled programs and the parameters (in their decoding type)
-in the user cache, keyed by the checkpoint, the settings, this code and jax's version. A later
-process loads them without importing Flax or Orbax, tracing or compiling. The model (and Flax) is
-imported only where a program is built.
+The programs are compiled on first use; a `store` (sampler_cache.ProgramStore) keeps them for later
+processes, and the model (and Flax) is imported only where a program is built.
 """
 
 import dataclasses
-import hashlib
-import json
-import os
-import pickle
-import shutil
 import typing
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.experimental import serialize_executable
 
-from orpheus_jax import checkpoint, write_atomically
-from orpheus_jax.cache import user_cache_dir
 from orpheus_jax.sharding import batch_sharded, make_mesh, replicated
 
 FIRST_CHUNK = 8  # tokens of the first decode call, so that a stream starts at once
-KEEP_SAMPLERS = 8  # samplers kept in the user cache, the most recently used
 
 
 class DecodeState(typing.NamedTuple):
@@ -45,41 +35,6 @@ class DecodeState(typing.NamedTuple):
     logits_BV: jax.Array  # logits for the next token
     row_keys: jax.Array  # (B, key) raw key data
     drawn: jax.Array  # int32: tokens sampled so far (the fold_in index)
-
-
-WEIGHTS = ("float32", "bfloat16", "int8")
-
-
-def quantize_int8(kernel, n_in: int):
-    """(int8 values, float32 scale per output): symmetric, the scale the largest |weight| over the
-    kernel's n_in input axes / 127, so kernel ~= values * scale."""
-    scale = jnp.max(jnp.abs(kernel), axis=tuple(range(n_in))) / 127
-    scale = jnp.where(scale > 0, scale, 1.0)  # an all-zero output channel
-    return jnp.round(kernel / scale).astype(jnp.int8), scale.astype(jnp.float32)
-
-
-def cast_weights(params, weights: str):
-    """The Dense kernels in the `weights` type for decoding ("float32": unchanged; "bfloat16"; "int8",
-    each kernel beside its "kernel_scale"). Embeddings, LayerNorm and biases stay float32: they are 1% of
-    the seed model's bytes, and the embeddings are looked up, not multiplied."""
-    from orpheus_jax.model import dense_input_axes
-
-    def cast(tree, names):
-        out = {}
-        for name, value in tree.items():
-            if isinstance(value, dict):
-                out[name] = cast(value, names + (name,))
-            elif name != "kernel":
-                out[name] = value
-            elif weights == "bfloat16":
-                out[name] = value.astype(jnp.bfloat16)
-            else:
-                out[name], out["kernel_scale"] = quantize_int8(value, dense_input_axes(names + (name,)))
-        return out
-
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    return params if weights == "float32" else cast(params, ())
 
 
 def filter_logits(logits_BV, top_k, top_p):
@@ -101,18 +56,23 @@ def sample_tokens(logits_BV, keys_B, temperature, top_k, top_p):
     """One token per row: argmax when temperature == 0, else a draw from the filtered distribution."""
     scaled_BV = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
     # The filter sorts every row: skip it when it would keep everything (the default).
-    filtered_BV = lax.cond(
-        (top_k > 0) | (top_p < 1.0), filter_logits, lambda l, *_: l, scaled_BV, top_k, top_p
-    )
+    keep_all = lambda logits, *_: logits
+    filtered_BV = lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, keep_all, scaled_BV, top_k, top_p)
     drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
     return jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+def token_keys(row_keys, index, prng_impl: str):
+    """The key each row draws its index-th new token with."""
+    return jax.vmap(lambda k: jax.random.fold_in(jax.random.wrap_key_data(k, impl=prng_impl), index))(
+        row_keys
+    )
 
 
 class Sampler:
     """Compiled prefill, decode and refill for one model, batch size and chunk length.
 
-    keep_in: (a directory, a file) where each program, once compiled, and the parameters (in their
-    decoding type) are stored for `Sampler.load`."""
+    store: where compiled programs are loaded from and kept (sampler_cache.ProgramStore), or None."""
 
     def __init__(
         self,
@@ -125,32 +85,30 @@ class Sampler:
         prng_impl: str = "threefry2x32",
         weights: str = "float32",
         mesh=None,
-        keep_in: tuple[str, str] | None = None,
+        store=None,
     ):
-        self.model_cfg = model_cfg
         shift = shift or max(1, model_cfg.block_size // 2)
         if not 1 <= shift < model_cfg.block_size:
             raise ValueError(f"shift must be in [1, block_size - 1], got {shift}")
-        programs_dir, params_file = keep_in or (None, None)
-        self._setup(
-            dict(
-                batch_size=batch_size,
-                chunk=chunk,
-                shift=shift,
-                prng_impl=prng_impl,
-                weights=weights,
-                block_size=model_cfg.block_size,
-                model=dataclasses.asdict(model_cfg),
-            ),
-            mesh,
-            programs_dir,
-        )
+        settings = dict(
+            batch_size=batch_size, chunk=chunk, shift=shift, prng_impl=prng_impl, weights=weights,
+            block_size=model_cfg.block_size, model=dataclasses.asdict(model_cfg),
+        )  # fmt: skip
+        self._setup(settings, mesh, store)
+        self.model_cfg = model_cfg
         self.use_params(params)
-        if keep_in:
-            _save_params(params_file, self.params)
-            write_atomically(os.path.join(programs_dir, "settings.json"), json.dumps(self.settings))
 
-    def _setup(self, settings: dict, mesh, programs_dir):
+    @classmethod
+    def from_settings(cls, settings: dict, params, store, mesh=None) -> "Sampler":
+        """A sampler whose programs come from `store` (built from settings["model"] only if one is missing);
+        params already in the decoding type."""
+        sampler = cls.__new__(cls)
+        sampler._setup(settings, mesh, store)
+        sampler.model_cfg = None
+        sampler.params = jax.device_put(params, sampler._rep)
+        return sampler
+
+    def _setup(self, settings: dict, mesh, store):
         self.settings = settings
         self.batch_size, self.chunk, self.shift = settings["batch_size"], settings["chunk"], settings["shift"]
         self.block_size, self.prng_impl = settings["block_size"], settings["prng_impl"]
@@ -158,90 +116,31 @@ class Sampler:
         self._rep = replicated(mesh)
         # Split the batch over devices when it divides evenly; otherwise every device decodes all rows.
         self._rows = batch_sharded(mesh) if self.batch_size % mesh.devices.size == 0 else self._rep
-        self._programs_dir = programs_dir
+        self._store = store
         self._compiled = {}
 
     def use_params(self, params) -> None:
         """Decode with these parameters from now on (float32, as trained): cast, and placed as the
         compiled programs expect them, whatever their sharding in training."""
-        self.params = jax.device_put(cast_weights(params, self.settings["weights"]), self._rep)
+        from orpheus_jax.model import decoding_weights
 
-    @classmethod
-    def load(cls, programs_dir: str, params_file: str, mesh=None) -> "Sampler | None":
-        """The sampler kept in (programs_dir, params_file), or None if they hold none (or one this process
-        cannot load)."""
-        try:
-            with open(os.path.join(programs_dir, "settings.json")) as f:
-                settings = json.load(f)
-            sampler = cls.__new__(cls)
-            sampler._setup(settings, mesh, programs_dir)
-            sampler.model_cfg = None  # built from settings["model"] only if a program must be compiled
-            for name in ("prefill", "decode"):  # refill: when first needed
-                sampler._compiled[name] = _load_program(programs_dir, name)
-                if sampler._compiled[name] is None:
-                    return None
-            sampler.params = jax.device_put(_load_params(params_file), sampler._rep)
-            for path in (programs_dir, params_file):
-                os.utime(path)  # recently used
-            return sampler
-        except Exception:  # missing, half-written or from another jaxlib: build it again
-            return None
+        self.params = jax.device_put(decoding_weights(params, self.settings["weights"]), self._rep)
 
-    @classmethod
-    def from_run(
-        cls,
-        workdir: str,
-        step: int,
-        *,
-        batch_size: int,
-        chunk: int = 64,
-        shift: int | None = None,
-        weights: str = "float32",
-        dtype: str | None = None,
-        mesh=None,
-    ) -> "Sampler":
-        """A sampler for a run's checkpoint: loaded from the user cache when an earlier process kept one
-        (programs for the same run config, settings, code and jax; parameters for the same
-        checkpoint and weight type), else built from the checkpoint, and kept."""
-        mesh = mesh or make_mesh()
-        with open(checkpoint.config_path(workdir), "rb") as f:
-            run_config = f.read().decode("utf-8", "replace")
-        settings = dict(batch_size=batch_size, chunk=chunk, shift=shift, weights=weights, dtype=dtype)
-        cache = os.path.join(user_cache_dir(), "samplers")
-        programs_dir = os.path.join(cache, "programs", _cache_key(run_config, settings, mesh.devices.size))
-        params_file = os.path.join(
-            cache, "params", _cache_key(checkpoint.fingerprint(workdir, step), weights) + ".npz"
-        )
-        sampler = cls.load(programs_dir, params_file, mesh)
-        if sampler is None:
-            run = checkpoint.load_run(workdir, step)
-            model_cfg = dataclasses.replace(run.model_cfg, dtype=dtype) if dtype else run.model_cfg
-            os.makedirs(programs_dir, exist_ok=True)
-            os.makedirs(os.path.dirname(params_file), exist_ok=True)
-            for kind in ("programs", "params"):
-                _evict(os.path.join(cache, kind), KEEP_SAMPLERS)
-            sampler = cls(
-                model_cfg,
-                run.params,
-                batch_size=batch_size,
-                chunk=chunk,
-                shift=shift,
-                prng_impl=run.cfg.prng_impl,
-                weights=weights,
-                mesh=mesh,
-                keep_in=(programs_dir, params_file),
-            )
-        return sampler
+    def has_programs(self, *names) -> bool:
+        """Whether these programs are ready (compiled here or loaded from the store)."""
+        for name in names:
+            if name not in self._compiled and self._store is not None:
+                compiled = self._store.load(name)
+                if compiled is not None:
+                    self._compiled[name] = compiled
+        return all(name in self._compiled for name in names)
 
     def _program(self, name: str, *args):
-        """Run program `name`: compiled once per sampler (or loaded), and kept if the sampler keeps."""
-        if name not in self._compiled:
-            compiled = _load_program(self._programs_dir, name) if self._programs_dir else None
-            if compiled is None:
-                compiled = self._compile(name, args)
-                if self._programs_dir:
-                    _save_program(self._programs_dir, name, compiled)
-            self._compiled[name] = compiled
+        """Run program `name`: compiled once per sampler (or loaded), and kept if the sampler has a store."""
+        if not self.has_programs(name):
+            self._compiled[name] = self._compile(name, args)
+            if self._store is not None:
+                self._store.save(name, self._compiled[name])
         return self._compiled[name](*args)
 
     def _compile(self, name: str, args):
@@ -253,11 +152,10 @@ class Sampler:
         donate = () if name == "prefill" else (1,)  # the state: its buffers are updated in place
         # Float32 products at float32 precision on every platform: a GPU's default is TF32 (a TPU's, one
         # bfloat16 pass), with which the cached-logits tests failed on an H100 (they pass there with this).
-        # No slower on the CPU, whose float32 products are exact anyway; bfloat16 and int8 operands are
-        # multiplied exactly in either mode.
+        # bfloat16 and int8 operands are multiplied exactly in either mode.
         with jax.default_matmul_precision("highest"):
             lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-        if not self._programs_dir:
+        if self._store is None:
             return lowered.compile()
         # An executable read from JAX's compilation cache cannot be written out again (jaxlib 0.10:
         # "Function ... not found" when the copy runs): compile this one afresh.
@@ -269,21 +167,17 @@ class Sampler:
             jax.config.update("jax_enable_compilation_cache", previous)
 
     def _prefill_fn(self, params, window_BL, length, seed, rows_B):
-        from orpheus_jax.model import empty_cache
+        from orpheus_jax.model import empty_buffers
 
         cache, logits_BV = self._fill(
-            params, window_BL, length, empty_cache(self.model_cfg, window_BL.shape[0])
+            params, window_BL, length, empty_buffers(self.model_cfg, window_BL.shape[0])
         )
         base = jax.random.key(seed, impl=self.prng_impl)
         row_keys = jax.vmap(lambda r: jax.random.key_data(jax.random.fold_in(base, r)))(rows_B)
         return DecodeState(
-            cache=cache,
-            window_BL=window_BL,
-            length=length,
-            logits_BV=logits_BV,
-            row_keys=row_keys,
+            cache=cache, window_BL=window_BL, length=length, logits_BV=logits_BV, row_keys=row_keys,
             drawn=jnp.zeros((), jnp.int32),
-        )
+        )  # fmt: skip
 
     def _refill_fn(self, params, state: DecodeState) -> DecodeState:
         """The buffer is full: keep its last block_size - shift tokens, prefilled again from position 0."""
@@ -322,20 +216,16 @@ class Sampler:
         # every step (10x slower at batch 16); the caller refills between chunks instead.
         def body(i, carry):
             s, out_BC = carry
-            keys_B = jax.vmap(
-                lambda k: jax.random.fold_in(jax.random.wrap_key_data(k, impl=self.prng_impl), s.drawn)
-            )(s.row_keys)
-            token_B = sample_tokens(s.logits_BV, keys_B, temperature, top_k, top_p)
+            token_B = sample_tokens(
+                s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl), temperature, top_k, top_p
+            )
             out_BC = lax.dynamic_update_slice(out_BC, token_B[:, None], (0, i))
             logits_B1V, cache = forward_cached(self.model_cfg, params, token_B[:, None], s.cache, s.length)
             window_BL = lax.dynamic_update_slice(s.window_BL, token_B[:, None], (0, s.length))
             s = s._replace(
-                cache=cache,
-                window_BL=window_BL,
-                length=s.length + 1,
-                logits_BV=logits_B1V[:, 0],
+                cache=cache, window_BL=window_BL, length=s.length + 1, logits_BV=logits_B1V[:, 0],
                 drawn=s.drawn + 1,
-            )
+            )  # fmt: skip
             return s, out_BC
 
         out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk), jnp.int32)
@@ -353,13 +243,9 @@ class Sampler:
         window_BL = np.zeros((self.batch_size, self.block_size), np.int32)
         window_BL[:, : len(prompt)] = prompt
         state = self._program(
-            "prefill",
-            self.params,
-            jax.device_put(window_BL, self._rows),
-            np.int32(len(prompt)),
-            np.uint32(seed),
-            jax.device_put(rows.astype(np.uint32), self._rows),
-        )
+            "prefill", self.params, jax.device_put(window_BL, self._rows), np.int32(len(prompt)),
+            np.uint32(seed), jax.device_put(rows.astype(np.uint32), self._rows),
+        )  # fmt: skip
         return state, len(prompt)
 
     def refill(self, state: DecodeState) -> tuple[DecodeState, int]:
@@ -367,96 +253,33 @@ class Sampler:
 
     def decode(self, state: DecodeState, n: int, temperature=1.0, top_k=0, top_p=1.0):
         """Draw n tokens per row, n <= chunk and n <= free buffer positions; returns (state, (B, n) NumPy)."""
-        state, out_BC = self._program(
-            "decode",
-            self.params,
-            state,
-            np.int32(n),
-            np.float32(temperature),
-            np.int32(top_k),
-            np.float32(top_p),
-        )
-        return state, np.asarray(out_BC)[:, :n]
+        state, tokens_BC = self._dispatch_decode(state, n, temperature, top_k, top_p)
+        return state, np.asarray(tokens_BC)[:, :n]
+
+    def _dispatch_decode(self, state, n, temperature, top_k, top_p):
+        """decode's call, not waited for: the tokens come back as a device array of `chunk` columns."""
+        settings = (np.int32(n), np.float32(temperature), np.int32(top_k), np.float32(top_p))
+        return self._program("decode", self.params, state, *settings)
 
     def generate(
         self, prompt_ids, max_new_tokens: int, seed: int = 0, rows=None, temperature=1.0, top_k=0, top_p=1.0
     ):
-        """Yield (B, n) arrays of new tokens, chunk by chunk, max_new_tokens in all."""
+        """Yield (B, n) NumPy arrays of new tokens, chunk by chunk, max_new_tokens in all.
+
+        Each chunk is dispatched before the previous one is read back, so the device decodes while the
+        caller prints (a caller that stops early leaves at most one chunk's work undone)."""
         state, length = self.start(prompt_ids, seed, rows)
         remaining, chunk = max_new_tokens, min(FIRST_CHUNK, self.chunk)
+        pending = None
         while remaining > 0:
             if length == self.block_size:
                 state, length = self.refill(state)
             n = min(remaining, chunk, self.block_size - length)
-            state, tokens_Bn = self.decode(state, n, temperature, top_k, top_p)
+            state, tokens_BC = self._dispatch_decode(state, n, temperature, top_k, top_p)
+            if pending is not None:
+                yield np.asarray(pending[0])[:, : pending[1]]
+            pending = (tokens_BC, n)
             remaining -= n
             length += n
             chunk = self.chunk
-            yield tokens_Bn
-
-
-def _cache_key(*parts) -> str:
-    """A name for what depends on `parts` and on the code that computes it (this file and model.py),
-    jax and the devices."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = b"".join(open(os.path.join(here, name), "rb").read() for name in ("sampler.py", "model.py"))
-    device = jax.devices()[0]
-    material = json.dumps(
-        [
-            parts,
-            hashlib.sha256(code).hexdigest(),
-            jax.__version__,
-            jax.lib.__version__,
-            device.platform,
-            device.device_kind,
-        ]
-    )
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
-
-
-def _save_params(path: str, params) -> None:
-    flat = {
-        "/".join(p.key for p in keys): np.asarray(x)
-        for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **flat)
-    os.replace(tmp, path)
-
-
-def _load_params(path: str) -> dict:
-    params = {}
-    with np.load(path) as saved:
-        for name in saved.files:
-            *parents, leaf = name.split("/")
-            node = params
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            node[leaf] = saved[name]
-    return params
-
-
-def _save_program(directory: str, name: str, compiled) -> None:
-    # The same trust as JAX's own compilation cache: a file in the user's cache, loaded with pickle.
-    tmp = os.path.join(directory, f"{name}.tmp")
-    with open(tmp, "wb") as f:
-        pickle.dump(serialize_executable.serialize(compiled), f)
-    os.replace(tmp, os.path.join(directory, f"{name}.pickle"))
-
-
-def _load_program(directory: str, name: str):
-    try:
-        with open(os.path.join(directory, f"{name}.pickle"), "rb") as f:
-            return serialize_executable.deserialize_and_load(*pickle.load(f))
-    except FileNotFoundError:
-        return None
-
-
-def _evict(directory: str, keep: int) -> None:
-    """Remove all but the `keep` most recently used entries (files or directories) of `directory`."""
-    entries = sorted(os.scandir(directory), key=lambda e: e.stat().st_mtime, reverse=True)
-    for entry in entries[keep:]:
-        if entry.is_dir():
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            os.remove(entry.path)
+        yield np.asarray(pending[0])[:, : pending[1]]

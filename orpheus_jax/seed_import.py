@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from orpheus_jax import OrpheusError, checkpoint, data
+from orpheus_jax import OrpheusError, checkpoint, data, rundir
 from orpheus_jax import config as config_lib
 from orpheus_jax.model import GPTConfig, init_params
 from orpheus_jax.optim import make_optimizer
@@ -344,7 +344,8 @@ def seed_run_config(base_cfg, shape: dict):
     cfg = base_cfg.copy_and_resolve_references()
     for key in ("n_layer", "n_head", "n_embd", "block_size"):
         cfg[key] = int(shape[key])
-    cfg.pos_encoding, cfg.attn_scale = "learned", "embd"
+    # The seed's architecture, whatever the base config turns on.
+    cfg.pos_encoding, cfg.attn_scale, cfg.mlp_activation, cfg.qk_norm = "learned", "embd", "relu", False
     config_lib.validate(cfg)
     return cfg
 
@@ -372,16 +373,16 @@ def import_seed(pth_path: str, workdir: str, text_path: str | None, base_cfg) ->
     assert jax.tree.structure(target) == jax.tree.structure(params), (
         "seed_to_params out of step with model.py"
     )
-    lock = checkpoint.WorkdirLock(workdir)
+    lock = rundir.WorkdirLock(workdir)
     try:
         ckpt = checkpoint.Checkpointer(workdir, cfg.keep_checkpoints)
-        if ckpt.all_steps() or os.path.exists(checkpoint.config_path(workdir)):
+        if ckpt.all_steps() or os.path.exists(rundir.config_path(workdir)):
             raise OrpheusError(f"{workdir} already holds a run; import into a new --workdir")
-        state = init_state(cfg, model_cfg, make_optimizer(cfg)).replace(
-            params=jax.tree.map(jnp.asarray, params)
-        )
-        config_lib.save(cfg, tokenizer.vocab_size, checkpoint.config_path(workdir))
-        tokenizer.save(checkpoint.tokenizer_path(workdir))
+        params = jax.tree.map(jnp.asarray, params)
+        state = init_state(cfg, model_cfg, make_optimizer(cfg))
+        state = state.replace(params=params, ema=None if state.ema is None else params)
+        config_lib.save(cfg, tokenizer.vocab_size, rundir.config_path(workdir))
+        tokenizer.save(rundir.tokenizer_path(workdir))
         ckpt.save(0, state)
         ckpt.wait()
         ckpt.close()

@@ -14,15 +14,15 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import time
 
 import numpy as np
 
-from orpheus_jax import OrpheusError, os_reason
-from orpheus_jax.cache import user_cache_dir
+from orpheus_jax import OrpheusError
 from orpheus_jax.data import empty_text, not_utf8, open_text
+from orpheus_jax.fileio import atomic_file, os_reason
 from orpheus_jax.tokenizer import CharTokenizer
+from orpheus_jax.user_cache import user_cache_dir
 
 CHUNK_CHARS = 1 << 22  # 4M characters: ~20 MB of temporaries at worst (a chunk beyond ASCII)
 
@@ -125,15 +125,10 @@ def _encode(path: str, tokenizer: CharTokenizer, dtype: np.dtype, tokens_path: s
 
 @contextlib.contextmanager
 def _new_file(path: str):
-    """Write a cache file under a name of this process's own, then rename it into place: processes of
-    a run sharing the cache (on one host or several) may write the same file at the same time."""
-    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.part"
+    """Write a cache file atomically: processes of a run sharing the cache (on one host or several) may
+    write the same file at the same time."""
     try:
-        with open(tmp, "wb") as f:
+        with atomic_file(path, "wb") as f:
             yield f
-        os.replace(tmp, path)
     except OSError as e:
         raise OrpheusError(f"cannot write the token cache {path}: {os_reason(e)}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from orpheus_jax import OrpheusError, write_atomically
+from orpheus_jax import OrpheusError
+from orpheus_jax.fileio import write_atomically
 
 
 class CharTokenizer:

@@ -1,6 +1,7 @@
 """Every test process sees 8 simulated CPU devices, so sharded code paths run everywhere."""
 
 import os
+import subprocess
 import sys
 
 os.environ["XLA_FLAGS"] = (
@@ -84,3 +85,16 @@ def _read_events(directory):
 @pytest.fixture
 def read_events():
     return _read_events
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 4 MB tmpfs, to fill up or turn read-only. Needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield str(mount)
+    subprocess.run(["umount", "-l", str(mount)])

@@ -2,7 +2,7 @@ import pytest
 
 from configs import iliad_char, iliad_char_cpu, orpheus_seed, tiny
 from orpheus_jax import OrpheusError
-from orpheus_jax.config import shape_mismatch, validate
+from orpheus_jax.config import load, model_mismatch, save, state_mismatch, validate
 
 
 @pytest.mark.parametrize("module", [iliad_char, iliad_char_cpu, orpheus_seed, tiny])
@@ -32,7 +32,12 @@ def test_seed_recipe():
         ("n_layer", -1, "n_layer must be a positive integer"),
         ("dropout", 1.0, "dropout must be in [0, 1)"),
         ("learning_rate", 0.0, "learning_rate must be positive"),
-        ("pos_encoding", "rope", "pos_encoding must be one of"),
+        ("pos_encoding", "alibi", "pos_encoding must be one of"),
+        ("mlp_activation", "swish", "mlp_activation must be one of"),
+        ("attention", "flash", "attention must be one of"),
+        ("ema_decay", 1.0, "ema_decay must be in [0, 1)"),
+        ("early_stop_patience", -1, "early_stop_patience must be a non-negative integer"),
+        ("seed", -1, "seed must be an integer in [0, 2**32)"),
         ("dtype", "float16", "dtype must be one of"),
         ("attn_scale", "sqrt", "attn_scale must be one of"),
         ("cpu_dots", "mkl", "cpu_dots must be one of"),
@@ -68,12 +73,32 @@ def test_missing_key():
         validate(c)
 
 
-def test_shape_mismatch_lists_the_differences():
+def test_model_mismatch_lists_the_differences():
     saved = tiny.get_config()
     saved.vocab_size = 66
     other = tiny.get_config()
-    assert shape_mismatch(saved, other, 66) == ""
-    other.n_embd = 64
-    assert shape_mismatch(saved, other, 65) == "vocab_size 66 vs 65, n_embd 32 vs 64"
-    other.n_embd, other.dropout, other.learning_rate = 32, 0.0, 1.0  # not shapes: fine
-    assert shape_mismatch(saved, other, 66) == ""
+    assert model_mismatch(saved, other, 66) == ""
+    other.n_embd, other.mlp_activation = 64, "relu2"
+    assert model_mismatch(saved, other, 65) == "vocab_size 66 vs 65, n_embd 32 vs 64, mlp_activation relu vs relu2"
+    other.n_embd, other.mlp_activation, other.dropout, other.learning_rate = 32, "relu", 0.0, 1.0  # not the model
+    assert model_mismatch(saved, other, 66) == ""
+
+
+def test_state_mismatch_names_the_optimizer_and_the_average():
+    saved, other = tiny.get_config(), tiny.get_config()
+    assert state_mismatch(saved, other) == ""
+    other.optimizer, other.ema_decay = "muon", 0.99
+    assert state_mismatch(saved, other) == (
+        "optimizer adamw vs muon, ema_decay 0.0 vs 0.99 (averaged weights kept or not)"
+    )
+    other.optimizer, other.grad_clip, other.ema_decay = "adamw", 0.0, 0.0  # the same structure
+    assert state_mismatch(saved, other) == ""
+
+
+def test_a_run_saved_before_a_key_existed_loads_with_what_it_used(tmp_path):
+    cfg = tiny.get_config()
+    path = str(tmp_path / "config.json")
+    save(cfg, 66, path)
+    text = open(path).read().replace('"dropout_rng": "hash",', "")
+    open(path, "w").write(text)
+    assert load(path).dropout_rng == "jax" and load(path).vocab_size == 66

@@ -13,7 +13,7 @@ onnx = pytest.importorskip("onnx", reason="pip install -r requirements-export.tx
 ort = pytest.importorskip("onnxruntime", reason="pip install -r requirements-export.txt")
 
 from orpheus_jax.export import decode_model, forward_model  # noqa: E402
-from orpheus_jax.model import GPTConfig, empty_cache, forward, forward_cached, init_params  # noqa: E402
+from orpheus_jax.model import GPTConfig, empty_buffers, forward, forward_cached, init_params  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHARS = "".join(chr(ord("!") + i) for i in range(13))
@@ -79,7 +79,7 @@ def test_prefill_and_step_match_jax(pos_encoding, attn_scale):
         )
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
     # The buffers are the sampler's cache, laid out (B, H, L, K) instead of (B * H, L, K).
-    _, cache = forward_cached(c, params, tokens.astype(np.int32), empty_cache(c, B), 0)
+    _, cache = forward_cached(c, params, tokens.astype(np.int32), empty_buffers(c, B), 0)
     for got, want in zip(kv, [x for layer in cache for x in layer]):
         np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), atol=1e-4, rtol=0)
 

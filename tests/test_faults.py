@@ -159,19 +159,6 @@ def test_kill_9_at_random_moments_then_resume_logs_each_step_once(small_text_pat
     assert not [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if not d.isdigit()]
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A 4 MB tmpfs, to fill up or turn read-only. Needs root."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)]).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield str(mount)
-    subprocess.run(["umount", "-l", str(mount)])
-
-
 def test_a_full_disk_ends_in_one_sentence(trained, small_text_path, small_filesystem):
     workdir = os.path.join(small_filesystem, "run")
     shutil.copytree(trained[0], workdir)

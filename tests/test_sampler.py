@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from numpy_reference import numpy_forward
 
-from orpheus_jax.model import GPTConfig, empty_cache, forward, forward_cached, init_params
-from orpheus_jax.sampler import Sampler, cast_weights, filter_logits, quantize_int8, sample_tokens
+from orpheus_jax.model import GPTConfig, decoding_weights, empty_buffers, forward, forward_cached, init_params
+from orpheus_jax.sampler import Sampler, filter_logits, sample_tokens
 
 CFG = GPTConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, block_size=16, dropout=0.1)
 BLOCKED = dataclasses.replace(CFG, kv_block=4)  # cached attention in 4 blocks of the 16-position buffer
@@ -25,7 +25,7 @@ def params():
     "cfg, weights", [(CFG, "float32"), (BLOCKED, "float32"), (BLOCKED, "bfloat16"), (BLOCKED, "int8")]
 )
 def test_cached_logits_equal_full_forward_at_every_position(params, cfg, weights):
-    params = cast_weights(params, weights)
+    params = decoding_weights(params, weights)
     rng = np.random.default_rng(0)
     for batch, prompt_len in ((2, 1), (2, 5), (1, 11)):  # batch 1: one-row products (see model.Dense)
         tokens = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size)).astype(np.int32)
@@ -33,7 +33,7 @@ def test_cached_logits_equal_full_forward_at_every_position(params, cfg, weights
         # Prefill the prompt (padded to the buffer), then feed the rest one token at a time: with
         # kv_block 4 the queries cross block boundaries at positions 4, 8 and 12.
         padded = np.where(np.arange(cfg.block_size) < prompt_len, tokens, 0)
-        logits, cache = forward_cached(cfg, params, jnp.asarray(padded), empty_cache(cfg, batch), 0)
+        logits, cache = forward_cached(cfg, params, jnp.asarray(padded), empty_buffers(cfg, batch), 0)
         np.testing.assert_allclose(
             np.asarray(logits)[:, :prompt_len], full[:, :prompt_len], atol=1e-5, rtol=0
         )
@@ -46,7 +46,7 @@ def test_cached_attention_reads_only_the_filled_blocks(params):
     """Buffer positions past the last query's block must not be read: fill them with NaN."""
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (1, 6)), jnp.int32)
     full = np.asarray(forward(BLOCKED, params, tokens))
-    poisoned = tuple((k.at[:, 8:].set(jnp.nan), v.at[:, 8:].set(jnp.nan)) for k, v in empty_cache(BLOCKED, 1))
+    poisoned = tuple((k.at[:, 8:].set(jnp.nan), v.at[:, 8:].set(jnp.nan)) for k, v in empty_buffers(BLOCKED, 1))
     logits, _ = forward_cached(BLOCKED, params, tokens, poisoned, 0)  # positions 0-5: blocks 0 and 1
     np.testing.assert_allclose(np.asarray(logits), full, atol=1e-5, rtol=0)
 
@@ -66,7 +66,7 @@ def test_blockwise_prefill_and_refill_equal_the_full_pass(params):
         np.testing.assert_allclose(np.asarray(state.logits_BV)[0], full[0, prompt_len - 1], atol=1e-5, rtol=0)
     state, _ = sampler.refill(state)  # the buffer is full after the last prompt
     one_pass = jnp.asarray(np.pad(tokens[:, shift:], ((0, 0), (0, shift))))
-    cache_ref = forward_cached(BLOCKED, params, one_pass, empty_cache(BLOCKED, 1), 0)[1]
+    cache_ref = forward_cached(BLOCKED, params, one_pass, empty_buffers(BLOCKED, 1), 0)[1]
     for (k, v), (k_ref, v_ref) in zip(state.cache, cache_ref):
         np.testing.assert_allclose(np.asarray(k)[:, :kept], np.asarray(k_ref)[:, :kept], atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(v)[:, :kept], np.asarray(v_ref)[:, :kept], atol=1e-5, rtol=0)
@@ -93,7 +93,7 @@ def test_greedy_with_shift_1_equals_naive_recompute(params, weights):
     n_new = 2 * CFG.block_size
     sampler = Sampler(BLOCKED, params, batch_size=1, chunk=8, shift=1, weights=weights)
     got = cached_tokens(sampler, prompt, n_new, temperature=0.0)[0].tolist()
-    assert got == naive_greedy(cast_weights(params, weights), prompt, n_new)
+    assert got == naive_greedy(decoding_weights(params, weights), prompt, n_new)
     assert len(set(got)) > 3  # not a degenerate repeat of one token
 
 
@@ -226,82 +226,3 @@ def test_top_k_draws_stay_in_the_top_k_of_model_logits(params):
             logits = np.asarray(forward(CFG, params, jnp.asarray([ids[-CFG.block_size :]])))[0, -1]
             assert t in np.argsort(-logits)[:2]
             ids.append(int(t))
-
-
-def dequantized(params):
-    """Float64 NumPy weights from cast_weights' output: each int8 kernel times its kernel_scale."""
-    out = {}
-    for name, value in params.items():
-        if isinstance(value, dict):
-            out[name] = dequantized(value)
-        elif name == "kernel" and "kernel_scale" in params:
-            out[name] = np.asarray(value, np.float64) * np.asarray(params["kernel_scale"], np.float64)
-        elif name != "kernel_scale":
-            out[name] = np.asarray(value, np.float64)
-    return out
-
-
-def int8_rows(x):
-    """What an int8 product multiplies: x quantized per row (last axis), symmetric, 127 steps."""
-    scale = np.abs(x).max(axis=-1, keepdims=True) / 127
-    return np.round(x / scale) * scale
-
-
-@pytest.mark.parametrize("kernel_shape, n_in", [((32, 2, 16), 1), ((2, 16, 32), 2), ((32, 128), 1)])
-def test_int8_quantization_round_trip(kernel_shape, n_in):
-    kernel = np.random.default_rng(3).normal(0, 0.02, kernel_shape).astype(np.float32)
-    kernel[..., 0] = 0  # an output channel of zeros (n_in = 2: a whole input row too)
-    values, scale = (np.asarray(a) for a in quantize_int8(jnp.asarray(kernel), n_in))
-    assert values.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == kernel_shape[n_in:]
-    assert (np.abs(values * scale - kernel) <= scale / 2 + 1e-9).all()  # rounding: at most half a step
-    peak = np.abs(values).max(axis=tuple(range(n_in)))
-    assert (peak[kernel.reshape(-1, *kernel_shape[n_in:]).any(axis=0)] == 127).all()  # the full range is used
-    assert np.isfinite(scale).all() and (values * scale == kernel)[..., 0].all()  # zeros stay exact
-
-
-def test_cast_weights_keeps_all_but_the_kernels(params):
-    for weights, dtype in (("bfloat16", jnp.bfloat16), ("int8", jnp.int8)):
-        cast = cast_weights(params, weights)
-        flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(cast)[0]}
-        kernels = [k for k in flat if k.endswith("['kernel']")]
-        assert len(kernels) == 6 * CFG.n_layer + 1  # query, key, value, proj, fc, out per block; lm_head
-        assert all(flat[k].dtype == dtype for k in kernels)
-        others = [k for k in flat if k not in kernels and not k.endswith("['kernel_scale']")]
-        assert others and all(flat[k].dtype == jnp.float32 for k in others)
-        assert sum(k.endswith("['kernel_scale']") for k in flat) == (len(kernels) if weights == "int8" else 0)
-    assert cast_weights(params, "float32") is params
-
-
-@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
-def test_low_precision_logits_match_numpy_reference(params, weights):
-    """The model with bf16/int8 kernels against NumPy in float64 with the same (dequantized) weights,
-    multiplying what those products multiply: activations rounded to bf16, or quantized per row."""
-    tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (3, CFG.block_size))
-    cast = cast_weights(params, weights)
-    got = np.asarray(forward(CFG, cast, jnp.asarray(tokens)))
-    to_bf16 = lambda x: x.astype(ml_dtypes.bfloat16).astype(np.float64)
-    exact = numpy_forward(CFG, dequantized(cast), tokens, to_bf16 if weights == "bfloat16" else int8_rows)
-    # Float32 and float64 round a few activations to the other neighbour (bf16 or int8 step): those
-    # logits move by up to ~0.02. A 1% error in one kernel or its scale moves them all by ~0.01-0.02.
-    error = np.abs(got - exact)
-    assert error.mean() < 1e-3 and error.max() < 0.05
-    # And the price of low precision against the float32 weights, for logits that span about +-4 here.
-    float32 = numpy_forward(CFG, params, tokens)
-    assert np.abs(got - float32).mean() < {"bfloat16": 0.05, "int8": 0.15}[weights]
-    assert (got.argmax(-1) == float32.argmax(-1)).mean() > 0.9
-
-
-def test_a_kept_sampler_loads_without_compiling_and_decodes_the_same(params, tmp_path):
-    keep = (str(tmp_path / "programs"), str(tmp_path / "params.npz"))
-    (tmp_path / "programs").mkdir()
-    built = Sampler(BLOCKED, params, batch_size=2, chunk=8, shift=4, weights="int8", keep_in=keep)
-    expected = cached_tokens(built, [1, 2, 3], 30, seed=5, rows=[3, 4])  # 30 tokens: refills too
-    compiles, stop = count_compiles()
-    try:
-        loaded = Sampler.load(*keep)
-        np.testing.assert_array_equal(cached_tokens(loaded, [1, 2, 3], 30, seed=5, rows=[3, 4]), expected)
-    finally:
-        stop()
-    assert compiles == [] and loaded.model_cfg is None  # nothing traced or compiled: no model code ran
-    (tmp_path / "programs" / "decode.pickle").write_bytes(b"not a program")
-    assert Sampler.load(*keep) is None  # a damaged entry is built again, not used

@@ -1,0 +1,257 @@
+"""Kept samplers: a run's compiled sampling programs and its weights in their decoding type, kept in the
+user cache so that a later `sample.py` with the same settings starts without importing Flax or Orbax,
+tracing or compiling.
+
+    <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle, refill.pickle
+    <user cache>/samplers/params/<key>.npz
+
+A programs key covers the run's config, the sampler's settings, the code that builds the programs,
+jax's version and the devices; a params key covers the checkpoint (its files' sizes and dates) and
+the weight type. The KEEP most recently used of each are kept.
+
+The cache is an optimisation: whatever goes wrong with it (a file where a folder should be, a full
+disk, a read-only folder, another process writing or evicting the same entry) costs start-up time and
+one warning line, never the sample. Loading a program unpickles it, that is, runs code: so the folders
+are created private (0o700), and a file or folder that is not the user's, or that others may write,
+is never loaded (a warning says which).
+"""
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+import zipfile
+
+import jax
+import numpy as np
+
+from orpheus_jax import rundir
+from orpheus_jax.fileio import atomic_file, os_reason
+from orpheus_jax.sampler import Sampler
+from orpheus_jax.user_cache import user_cache_dir
+
+KEEP = 8  # samplers kept: the most recently used
+BFLOAT16_TAG = "@bfloat16"  # np.savez cannot store bfloat16: such an array is kept as its uint16 bits
+
+_warned = set()
+
+
+def warn(message: str) -> None:
+    """One line on stderr: the first trouble with the cache in this process (later ones add nothing a
+    user can act on)."""
+    if not _warned:
+        _warned.add(message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+class Untrusted(Exception):
+    """A cache file or folder that is not ours alone."""
+
+
+def check_trusted(path: str, root: str) -> None:
+    """Refuse `path` (and each folder from it up to `root`) unless it is owned by this user and
+    writable by nobody else."""
+    while True:
+        st = os.stat(path)
+        if st.st_uid != os.getuid() or st.st_mode & 0o022:
+            who = "not owned by you" if st.st_uid != os.getuid() else "writable by group or others"
+            raise Untrusted(f"{path} is {who}")
+        if os.path.abspath(path) == os.path.abspath(root) or os.path.dirname(path) == path:
+            return
+        path = os.path.dirname(path)
+
+
+def make_private_dirs(path: str) -> None:
+    """The folder and its parents, created 0o700 (an existing one is left as it is, checked on load)."""
+    old = os.umask(0o077)
+    try:
+        os.makedirs(path, exist_ok=True)
+    finally:
+        os.umask(old)
+
+
+class ProgramStore:
+    """One kept sampler's programs folder: load and save never raise for the cache's own troubles."""
+
+    def __init__(self, directory: str, root: str):
+        self.directory, self.root = directory, root
+
+    def load(self, name: str):
+        path = os.path.join(self.directory, f"{name}.pickle")
+        try:
+            check_trusted(path, self.root)
+            with open(path, "rb") as f:
+                payload = pickle.load(f)
+        except (FileNotFoundError, NotADirectoryError):  # missing: nothing was kept there
+            return None
+        except Untrusted as e:
+            warn(f"not loading the kept sampler program {e}; rebuilding it")
+            return None
+        except (OSError, pickle.UnpicklingError, EOFError) as e:
+            warn(f"cannot read the kept sampler program {path}: {_reason(e)}; rebuilding it")
+            return None
+        from jax.experimental import serialize_executable
+
+        return serialize_executable.deserialize_and_load(*payload)
+
+    def save(self, name: str, compiled) -> None:
+        from jax.experimental import serialize_executable
+
+        payload = pickle.dumps(serialize_executable.serialize(compiled))
+        _write(os.path.join(self.directory, f"{name}.pickle"), lambda f: f.write(payload))
+
+
+def _write(path: str, write) -> bool:
+    """Write a cache file (its folder created if another process evicted it); False, with a warning, if
+    the cache cannot take it."""
+    try:
+        make_private_dirs(os.path.dirname(path))
+        with atomic_file(path, "wb", file_mode=0o600) as f:
+            write(f)
+        return True
+    except OSError as e:
+        warn(f"cannot keep the sampler in {os.path.dirname(path)}: {_reason(e)}; sampling goes on without it")
+        return False
+
+
+def _reason(e: Exception) -> str:
+    return os_reason(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+
+
+def save_params(path: str, params) -> bool:
+    flat = {}
+    for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name, x = "/".join(k.key for k in keys), np.asarray(x)
+        if x.dtype == jax.numpy.bfloat16:
+            name, x = name + BFLOAT16_TAG, x.view(np.uint16)
+        flat[name] = x
+    return _write(path, lambda f: np.savez(f, **flat))
+
+
+def load_params(path: str) -> dict:
+    params = {}
+    with np.load(path) as saved:
+        for name in saved.files:
+            value = saved[name]
+            if name.endswith(BFLOAT16_TAG):
+                name, value = name.removesuffix(BFLOAT16_TAG), value.view(jax.numpy.bfloat16)
+            *parents, leaf = name.split("/")
+            node = params
+            for parent in parents:
+                node = node.setdefault(parent, {})
+            node[leaf] = value
+    return params
+
+
+def cache_key(*parts) -> str:
+    """A name for what depends on `parts` and on the code that builds the programs, jax and the devices."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = hashlib.sha256()
+    for name in ("sampler.py", "model.py", "attention.py", "quantize.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            code.update(f.read())
+    device = jax.devices()[0]
+    material = json.dumps(
+        [parts, code.hexdigest(), jax.__version__, jax.lib.__version__, device.platform, device.device_kind]
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def kept_sampler(
+    workdir: str, step: int, *, batch_size: int, chunk: int = 64, shift: int | None = None,
+    weights: str = "float32", dtype: str | None = None, mesh=None,
+) -> Sampler:  # fmt: skip
+    """A sampler for a run's checkpoint: loaded from the user cache when an earlier process kept one,
+    else built from the checkpoint, and kept."""
+    from orpheus_jax.sharding import make_mesh
+
+    mesh = mesh or make_mesh()
+    root = os.path.join(user_cache_dir(), "samplers")
+    with open(rundir.config_path(workdir), "rb") as f:
+        run_config = f.read().decode("utf-8", "replace")
+    settings = dict(batch_size=batch_size, chunk=chunk, shift=shift, weights=weights, dtype=dtype)
+    programs_dir = os.path.join(root, "programs", cache_key(run_config, settings, mesh.devices.size))
+    params_file = os.path.join(root, "params", cache_key(rundir.fingerprint(workdir, step), weights) + ".npz")
+    store = ProgramStore(programs_dir, root)
+    sampler = _load(store, params_file, mesh)
+    if sampler is not None:
+        return sampler
+    sampler = _build(workdir, step, store, mesh, batch_size, chunk, shift, weights, dtype)
+    if _write(
+        os.path.join(programs_dir, "settings.json"), lambda f: f.write(json.dumps(sampler.settings).encode())
+    ):
+        save_params(params_file, sampler.params)
+        for kind, ours in (("programs", programs_dir), ("params", params_file)):
+            evict(os.path.join(root, kind), KEEP, ours)
+    return sampler
+
+
+def _build(workdir, step, store, mesh, batch_size, chunk, shift, weights, dtype) -> Sampler:
+    import dataclasses
+
+    from orpheus_jax.checkpoint import load_run
+
+    run = load_run(workdir, step)
+    model_cfg = dataclasses.replace(run.model_cfg, dtype=dtype) if dtype else run.model_cfg
+    return Sampler(
+        model_cfg, run.params, batch_size=batch_size, chunk=chunk, shift=shift, prng_impl=run.cfg.prng_impl,
+        weights=weights, mesh=mesh, store=store,
+    )  # fmt: skip
+
+
+def _load(store: ProgramStore, params_file: str, mesh) -> Sampler | None:
+    """The kept sampler, or None if the cache holds none this process may load."""
+    settings_file = os.path.join(store.directory, "settings.json")
+    try:
+        for path in (settings_file, params_file):
+            check_trusted(path, store.root)
+        with open(settings_file) as f:
+            settings = json.load(f)
+        params = load_params(params_file)
+    except (FileNotFoundError, NotADirectoryError):  # missing: nothing was kept there
+        return None
+    except Untrusted as e:
+        warn(f"not loading the kept sampler: {e}; rebuilding it")
+        return None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # unreadable, or not our format
+        warn(f"cannot read the kept sampler ({_reason(e)}); rebuilding it")
+        return None
+    sampler = Sampler.from_settings(settings, params, store, mesh)
+    if not sampler.has_programs("prefill", "decode"):  # refill: when first needed
+        return None
+    for path in (store.directory, params_file):
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used
+    return sampler
+
+
+def evict(directory: str, keep: int, ours: str) -> None:
+    """Remove all but the `keep` most recently used entries of `directory`, never `ours` (the entry this
+    process uses, which another process's eviction may have removed meanwhile: its next write
+    recreates it)."""
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(ours)
+        entries = sorted(os.scandir(directory), key=_mtime, reverse=True)
+        for entry in entries[keep:]:
+            if os.path.abspath(entry.path) == os.path.abspath(ours):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            warn(f"cannot evict old samplers from {directory}: {_reason(e)}")
+
+
+def _mtime(entry) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except FileNotFoundError:  # removed by another process meanwhile
+        return 0.0
