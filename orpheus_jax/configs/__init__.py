@@ -36,10 +36,10 @@ def path(name: str) -> str:
 
 def resolve(value: str) -> str:
     """A --config value as ml_collections takes it (a file's path, `:ARG` after it passed to get_config):
-    a shipped config's NAME becomes its file; an existing file, or anything path-like, stays as it is."""
+    a shipped config's NAME becomes its file (unless a file of that name is here), and a path stays."""
     head, colon, arg = value.partition(":")
+    if head in names() and not os.path.isfile(head):
+        return path(head) + colon + arg
     if os.path.exists(head) or os.sep in head or "/" in head or head.endswith(".py"):
         return value
-    if head in names():
-        return path(head) + colon + arg
     raise OrpheusError(f"no config {head!r}: give a shipped one ({', '.join(names())}) or a file's path")
