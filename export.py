@@ -1,47 +1,8 @@
 #!/usr/bin/env python3
-"""Export a trained run to ONNX (needs: pip install -r requirements-export.txt).
+"""`python export.py ARGS` (in a checkout) is `orpheus-export ARGS` (pip install .): see --help, and
+orpheus_jax/cli/export.py."""
 
-    python export.py --workdir runs/iliad_char_cpu --onnx orpheus.onnx            # the seed's forward pass
-    python export.py --workdir runs/iliad_char_cpu --onnx orpheus.onnx --decode   # + orpheus.prefill.onnx, orpheus.step.onnx
-
-orpheus.onnx is the seed's export: input `input` int64 [batch_size, sequence_length], output `output`
-float32 logits [batch_size, sequence_length, vocab], sequence_length <= block_size. --decode adds the
-cached decode (a prefill graph and a one-token step graph with key/value buffers as inputs and
-outputs); examples/onnx_generate.py samples with them in ONNX Runtime alone.
-"""
-
-import os
-
-from orpheus_jax import OrpheusError
-from orpheus_jax.cli import argument_parser, run_main
-
-
-def parse_args(argv):
-    p = argument_parser(__doc__)
-    p.add_argument("--workdir", required=True, help="a run directory (train.py or import_seed.py)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--onnx", required=True, help="the forward graph's file, e.g. orpheus.onnx")
-    p.add_argument(
-        "--decode", action="store_true", help="also write <name>.prefill.onnx and <name>.step.onnx"
-    )
-    return p.parse_args(argv)
-
-
-def main(argv) -> None:
-    args = parse_args(argv)
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        raise OrpheusError(
-            "the export needs the onnx package: pip install -r requirements-export.txt"
-        ) from None
-    from orpheus_jax.checkpoint import load_run
-    from orpheus_jax.export import export_run
-
-    run = load_run(args.workdir, args.step)
-    for path in export_run(run, args.onnx, args.decode):
-        print(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
-
+from orpheus_jax.cli.export import main
 
 if __name__ == "__main__":
-    run_main(main)
+    main()

@@ -1,21 +1,6 @@
-"""CPU preset: the seed's architecture scaled to train in about 10 minutes on a 2-core machine."""
+"""orpheus_jax/configs/iliad_char_cpu.py (`--config iliad_char_cpu`), re-exported at this path for
+`--config configs/iliad_char_cpu.py` and `from configs import iliad_char_cpu`."""
 
-from configs import iliad_char
+from orpheus_jax.configs.iliad_char_cpu import get_config
 
-
-def get_config():
-    c = iliad_char.get_config()
-    c.n_layer = 4
-    c.n_head = 4
-    c.n_embd = 128
-    c.block_size = 128
-    c.batch_size = 32
-    c.dropout = 0.0  # 10 minutes is about 10 passes over the text for 0.8M parameters: little overfitting, and 30% faster steps
-    c.max_iters = 2500
-    c.learning_rate = 2e-3
-    c.min_lr = 2e-4
-    c.warmup_iters = 100
-    c.eval_interval = 250
-    c.eval_iters = 20
-    c.checkpoint_interval = 500
-    return c
+__all__ = ["get_config"]

@@ -1,0 +1,166 @@
+"""Sample text from a trained Orpheus-JAX run: orpheus-sample, or python sample.py in a checkout.
+
+    orpheus-sample --workdir runs/iliad_char_cpu --prompt "Achilles" --max_new_tokens 300
+    orpheus-sample --workdir runs/iliad_char_cpu --num_samples 4 --temperature 0.8 --top_k 20
+    orpheus-sample --workdir runs/iliad_char_cpu --stream --stop '\n\n'    # up to the first blank line
+
+Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
+"""
+
+import sys
+
+from orpheus_jax import OrpheusError
+from orpheus_jax.cli import argument_parser, run_main
+
+DASHES = "-" * 40
+
+
+def parse_args(argv):
+    p = argument_parser(__doc__)
+    p.add_argument("--workdir", required=True, help="a run directory written by train.py")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
+    prompt.add_argument("--prompt_file", default=None, help="read the prompt from this file")
+    p.add_argument("--max_new_tokens", type=int, default=500)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top_k", type=int, default=0, help="keep the k most likely characters (0: all)")
+    p.add_argument(
+        "--top_p", type=float, default=1.0, help="nucleus: keep the smallest set holding this probability"
+    )
+    p.add_argument("--num_samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--shift",
+        type=int,
+        default=None,
+        help="when the context is full, drop this many oldest tokens and re-prefill "
+        "(1 = the seed's crop-and-recompute, exact; default block_size // 2)",
+    )
+    p.add_argument(
+        "--stop",
+        default=None,
+        help="end a sample at the first occurrence of this text; escapes such as \\n and \\t are "
+        "decoded, so --stop '\\n\\n' stops at a blank line",
+    )
+    p.add_argument("--stream", action="store_true", help="print characters as they are produced")
+    p.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the run's)"
+    )
+    p.add_argument(
+        "--weights",
+        choices=("float32", "bfloat16", "int8"),
+        default="float32",
+        help="the matrices' type for decoding: bfloat16 halves, int8 (a scale per output, the "
+        "activations quantized per row) quarters the bytes read per character",
+    )
+
+    args = p.parse_args(argv)
+    if args.max_new_tokens <= 0:
+        raise OrpheusError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise OrpheusError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise OrpheusError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise OrpheusError(f"--top_k must be >= 0, got {args.top_k}")
+    if args.num_samples <= 0:
+        raise OrpheusError(f"--num_samples must be positive, got {args.num_samples}")
+    if args.stop is not None:
+        args.stop = decode_escapes(args.stop)
+        if not args.stop:
+            raise OrpheusError("--stop must not be empty")
+    return args
+
+
+def decode_escapes(text: str) -> str:
+    """Python's string escapes (\\n, \\t, \\\\, \\x41, \\u00e9) as a shell passes them: a backslash and
+    a letter."""
+    try:  # backslashreplace keeps characters beyond Latin-1 through the unicode_escape round trip
+        return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+    except UnicodeDecodeError as e:
+        raise OrpheusError(f"--stop has a bad escape: {e.reason}") from None
+
+
+def find_stop(prompt: str, text: str, stop: str, searched: int) -> int:
+    """Where the sample `text` ends if `stop` occurs in prompt + text ending past the prompt (a stop
+    text may begin in the prompt), else -1. `searched`: length of text already searched."""
+    full = prompt + text
+    at = full.find(stop, max(0, len(prompt) + searched - len(stop) + 1))
+    return -1 if at < 0 else at + len(stop) - len(prompt)
+
+
+def run_command(argv: list[str]) -> None:
+    """The command on its arguments; errors for the user are OrpheusError."""
+    args = parse_args(argv)
+    if args.prompt_file is not None:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                args.prompt = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise OrpheusError(f"cannot read --prompt_file: {e}") from None
+
+    # After argument checks: bad flags answer at once. Neither Flax nor Orbax is imported unless the
+    # sampler must be built (a first run with these settings): see Sampler.from_run.
+    from orpheus_jax import checkpoint
+    from orpheus_jax import config as config_lib
+    from orpheus_jax.cache import enable_compilation_cache
+    from orpheus_jax.sampler import Sampler
+    from orpheus_jax.tokenizer import CharTokenizer
+
+    enable_compilation_cache()
+    step = checkpoint.find_step(args.workdir, args.step)
+    cfg = config_lib.load(checkpoint.config_path(args.workdir))
+    tokenizer = CharTokenizer.load(checkpoint.tokenizer_path(args.workdir))
+    prompt = args.prompt or "\n"
+    prompt_ids = tokenizer.encode(prompt)  # unknown characters: a one-line error naming them
+    if args.shift is not None and not 1 <= args.shift < cfg.block_size:
+        raise OrpheusError(f"--shift must be in [1, {cfg.block_size - 1}] (block_size - 1), got {args.shift}")
+
+    # Streaming shows one sample at a time (batch 1, the row's own key: the same text as batched).
+    batches = [[r] for r in range(args.num_samples)] if args.stream else [list(range(args.num_samples))]
+    sampler = Sampler.from_run(
+        args.workdir,
+        step,
+        batch_size=len(batches[0]),
+        shift=args.shift,
+        weights=args.weights,
+        dtype=args.dtype,
+    )
+    out = sys.stdout
+    for b, rows in enumerate(batches):
+        texts = ["" for _ in rows]
+        done = [False for _ in rows]
+        if args.stream:
+            out.write(prompt)
+        for tokens_Bn in sampler.generate(
+            prompt_ids, args.max_new_tokens, args.seed, rows, args.temperature, args.top_k, args.top_p
+        ):
+            for i, ids in enumerate(tokens_Bn):
+                if done[i]:
+                    continue
+                before = len(texts[i])
+                texts[i] += tokenizer.decode(ids)
+                if args.stop:
+                    end = find_stop(prompt, texts[i], args.stop, before)
+                    if end >= 0:
+                        texts[i], done[i] = texts[i][:end], True
+                if args.stream:
+                    out.write(texts[i][before:])
+                    out.flush()
+            if all(done):
+                break
+        if args.stream:
+            out.write("\n" + (DASHES + "\n" if b < len(batches) - 1 else ""))
+        else:
+            out.write(("\n" + DASHES + "\n").join(prompt + t for t in texts) + "\n")
+    out.flush()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """orpheus-sample and sample.py: run_command(argv) (default: sys.argv[1:]) under run_main."""
+    run_main(run_command, argv)
+
+
+if __name__ == "__main__":
+    main()
