@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -268,3 +270,127 @@ def test_log_and_eval_lines_report_the_rate_of_the_same_update(tiny_cfg, small_t
             by_step.setdefault(r["step"], set()).add(r["lr"])
     assert all(len(rates) == 1 for rates in by_step.values()) and set(by_step) == {5, 10}
     assert "lr" not in records[0]  # the evaluation before any update
+
+
+def rates_and_losses(workdir):
+    return {r["step"]: (r["lr"], r["loss"]) for r in read_records(workdir) if "loss" in r}
+
+
+def test_a_raised_run_keeps_its_rate_through_any_number_of_interruptions(tiny_cfg, small_text_path, tmp_path):
+    """Train to 20, raise max_iters to 40: the cosine ended at 20 and the rate stays at min_lr. Killed
+    after step 25 and again after 35 (their later checkpoints lost), resumed by the same command, the
+    run logs the rates and losses of the uninterrupted raised run."""
+    tiny_cfg.update(max_iters=20, log_interval=1, checkpoint_interval=5, keep_checkpoints=10, eval_interval=40)
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    for workdir in (straight, interrupted):
+        train(tiny_cfg.copy_and_resolve_references(), workdir, small_text_path)
+    raised = tiny_cfg.copy_and_resolve_references()
+    raised.max_iters = 40
+    train(raised.copy_and_resolve_references(), straight, small_text_path)
+    for killed_after in (25, 35, None):
+        train(raised.copy_and_resolve_references(), interrupted, small_text_path)
+        if killed_after:
+            for step in os.listdir(f"{interrupted}/checkpoints"):
+                if int(step) > killed_after:
+                    shutil.rmtree(f"{interrupted}/checkpoints/{step}")
+    expected, got = rates_and_losses(straight), rates_and_losses(interrupted)
+    assert sorted(got) == list(range(1, 41))
+    assert all(got[s] == pytest.approx(expected[s], rel=1e-6) for s in got)
+    assert all(got[s][0] == pytest.approx(tiny_cfg.min_lr) for s in range(20, 41))
+
+
+def test_another_optimizer_is_refused_before_any_work(tiny_cfg, small_text_path, tmp_path):
+    tiny_cfg.max_iters = tiny_cfg.checkpoint_interval = 2
+    train(tiny_cfg, str(tmp_path), small_text_path)
+    tiny_cfg.update(optimizer="muon", max_iters=4)
+    with pytest.raises(OrpheusError, match="another structure .*optimizer adamw vs muon") as e:
+        train(tiny_cfg, str(tmp_path), small_text_path)
+    assert "move it aside" not in str(e.value)
+
+
+def scripted_val_losses(monkeypatch, val_by_step):
+    """Evaluations report these validation losses (by step), whatever the weights: what a run that
+    overfits shows, without training one that long."""
+    from orpheus_jax import train as train_lib
+
+    calls = []
+
+    def estimate(eval_step, params, split_data, key, eval_iters, should_stop=lambda: False):
+        calls.append(None)
+        step = sorted(val_by_step)[(len(calls) - 1) // 2]
+        return val_by_step[step] + (0.0 if len(calls) % 2 == 0 else -0.1)  # (train, val) in turn
+
+    monkeypatch.setattr(train_lib, "estimate_loss", estimate)
+
+
+def test_the_best_checkpoint_outlives_newer_ones_and_loads_as_best(tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys):
+    """The validation loss is lowest at step 8, then rises: keep_checkpoints=1 newer saves must not delete
+    step 8, a resumed run keeps the record, and load_run(step="best") gives step 8's weights."""
+    from orpheus_jax.checkpoint import load_run
+    from orpheus_jax.rundir import find_step, read_best
+
+    scripted_val_losses(monkeypatch, {0: 4.0, 4: 3.0, 8: 2.5, 12: 2.7, 16: 2.9, 20: 3.1})
+    tiny_cfg.update(eval_interval=4, checkpoint_interval=4, keep_checkpoints=1, log_interval=4)
+    workdir = str(tmp_path / "run")
+    tiny_cfg.max_iters = 12
+    train(tiny_cfg.copy_and_resolve_references(), workdir, small_text_path)
+    assert sorted(int(s) for s in os.listdir(f"{workdir}/checkpoints")) == [8, 12]
+    tiny_cfg.max_iters = 20
+    state = train(tiny_cfg, workdir, small_text_path)
+    assert read_best(workdir) == (8, 2.5)
+    assert sorted(int(s) for s in os.listdir(f"{workdir}/checkpoints")) == [8, 20]
+    assert find_step(workdir, "best") == 8
+    best = load_run(workdir, "best")
+    assert best.step == 8
+    assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(state.params)))
+    assert "Best: val loss 2.5000 at step 8" in capsys.readouterr().out
+
+
+def test_early_stop_after_patience_evaluations_without_improvement(tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys):
+    scripted_val_losses(monkeypatch, {0: 4.0, 2: 3.0, 4: 3.1, 6: 3.05, 8: 2.0, 10: 2.1})
+    tiny_cfg.update(max_iters=40, eval_interval=2, checkpoint_interval=40, early_stop_patience=2)
+    state = train(tiny_cfg, str(tmp_path), small_text_path)
+    assert int(state.step) == 6  # steps 4 and 6 did not beat step 2
+    assert "Stopped early at step 6" in capsys.readouterr().out
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [2, 6]
+    tiny_cfg.early_stop_patience = 3  # resumed with more patience: step 8 beats step 2, 10 does not
+    tiny_cfg.max_iters = 10
+    state = train(tiny_cfg, str(tmp_path), small_text_path)
+    assert int(state.step) == 10
+
+
+def test_resume_with_averaged_weights_is_exact(tiny_cfg, small_text_path, tmp_path):
+    from orpheus_jax.checkpoint import load_run
+
+    tiny_cfg.update(max_iters=8, lr_decay_iters=8, eval_interval=4, checkpoint_interval=4, ema_decay=0.9)
+    straight = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "a"), small_text_path)
+    tiny_cfg.max_iters = 4
+    train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "b"), small_text_path)
+    tiny_cfg.max_iters = 8
+    resumed = train(tiny_cfg, str(tmp_path / "b"), small_text_path)
+    jax.tree.map(np.testing.assert_array_equal, straight.ema, resumed.ema)
+    jax.tree.map(np.testing.assert_array_equal, straight.params, resumed.params)
+    evals = [r["val_loss"] for r in read_records(tmp_path / "a") if "val_loss" in r]
+    assert evals == [r["val_loss"] for r in read_records(tmp_path / "b") if "val_loss" in r]
+    # The average is what a run evaluates and samples: load_run gives it, not the last weights.
+    loaded = load_run(str(tmp_path / "a"))
+    jax.tree.map(np.testing.assert_array_equal, loaded.params, straight.ema)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(straight.ema), jax.tree.leaves(straight.params)))
+
+
+@pytest.mark.parametrize("grad_accum_steps, dropout", [(1, 0.1), (2, 0.0)])
+def test_the_train_step_has_no_scatter(tiny_cfg, grad_accum_steps, dropout):
+    """GPUs sum scatter-adds with atomics, in no fixed order: a step without any is deterministic there
+    without XLA's deterministic-ops flag (the one-hot embedding and loss see to it)."""
+    tiny_cfg.update(grad_accum_steps=grad_accum_steps, dropout=dropout, cpu_dots="xla", ema_decay=0.9)
+    model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
+    optimizer = make_optimizer(tiny_cfg)
+    state = jax.eval_shape(lambda: init_state(tiny_cfg, model_cfg, optimizer))
+    step = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())
+    hlo = step.lower(state, jax.ShapeDtypeStruct((10_000,), np.uint8), 2).compile().as_text()
+    scatters = lambda hlo: re.findall(r"\bscatter\(", hlo)  # instructions, not names in the metadata
+    assert re.search(r"\b(dot|custom-call)\(", hlo) and not scatters(hlo)
+    tiny_cfg.token_embedding = "gather"  # the lookup's gradient: the scatter-add the default avoids
+    model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
+    step = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())
+    assert scatters(step.lower(state, jax.ShapeDtypeStruct((10_000,), np.uint8), 2).compile().as_text())

@@ -22,6 +22,41 @@ def argument_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_step_argument(p: argparse.ArgumentParser) -> None:
+    """--step N, or --step best (the checkpoint with the lowest validation loss); default: the latest."""
+
+    def step(text: str):
+        if text == "best":
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--step takes a step number or 'best', got {text!r}") from None
+
+    p.add_argument("--step", type=step, default=None, help="checkpoint step, or best (default: the latest)")
+
+
+def describe_step(workdir: str, step: int, asked) -> str:
+    """Which checkpoint a command loaded, said when the user asked for the best one."""
+    from orpheus_jax import rundir
+
+    best = rundir.read_best(workdir)
+    loss = f" (the best: val loss {best[1]:.4f})" if asked == "best" and best else ""
+    return f"{workdir}: step {step}{loss}"
+
+
+def seconds_since_launch() -> float:
+    """How long this process has run, from /proc on Linux (elsewhere 0: start-up then goes uncounted)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def run_main(main, argv=None) -> None:
     """Run main(argv) (default: sys.argv[1:]): an OrpheusError is `error: ...` on one line of stderr and
     exit status 1; Ctrl-C is exit status 130."""

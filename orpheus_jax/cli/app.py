@@ -12,13 +12,13 @@ any run directory (train.py's or import_seed.py's); without --workdir, $ORPHEUS_
 import os
 
 from orpheus_jax import OrpheusError
-from orpheus_jax.cli import argument_parser, run_main
+from orpheus_jax.cli import add_step_argument, argument_parser, describe_step, run_main
 
 
 def parse_args(argv):
     p = argument_parser(__doc__)
     p.add_argument("--workdir", default=os.environ.get("ORPHEUS_WORKDIR", "run"), help="a run directory")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_step_argument(p)
     p.add_argument("--port", type=int, default=None, help="default: $GRADIO_SERVER_PORT, else 7860")
     p.add_argument(
         "--host",
@@ -42,17 +42,15 @@ def run_command(argv: list[str]) -> None:
         raise OrpheusError("the demo needs Gradio: pip install -r requirements-app.txt") from None
     import jax
 
-    from orpheus_jax.cache import enable_compilation_cache
+    from orpheus_jax.user_cache import enable_compilation_cache
     from orpheus_jax.checkpoint import load_run
     from orpheus_jax.sharding import make_mesh, replicated
 
     enable_compilation_cache()
     run = load_run(args.workdir, args.step, sharding=replicated(make_mesh(jax.devices()[:1])))
     streamer = app.TextStreamer(run)
-    print(
-        f"OrpheusGPT: {args.workdir} (step {run.step}, {run.tokenizer.vocab_size} characters), compiled",
-        flush=True,
-    )
+    where = describe_step(args.workdir, run.step, args.step)
+    print(f"OrpheusGPT: {where}, {run.tokenizer.vocab_size} characters, compiled", flush=True)
     app.launch(app.build_demo(streamer), args.host, args.port)
 
 

@@ -13,13 +13,13 @@ outputs); examples/onnx_generate.py samples with them in ONNX Runtime alone.
 import os
 
 from orpheus_jax import OrpheusError
-from orpheus_jax.cli import argument_parser, run_main
+from orpheus_jax.cli import add_step_argument, argument_parser, describe_step, run_main
 
 
 def parse_args(argv):
     p = argument_parser(__doc__)
     p.add_argument("--workdir", required=True, help="a run directory (train.py or import_seed.py)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_step_argument(p)
     p.add_argument("--onnx", required=True, help="the forward graph's file, e.g. orpheus.onnx")
     p.add_argument(
         "--decode", action="store_true", help="also write <name>.prefill.onnx and <name>.step.onnx"
@@ -41,7 +41,7 @@ def run_command(argv: list[str]) -> None:
 
     run = load_run(args.workdir, args.step)
     for path in export_run(run, args.onnx, args.decode):
-        print(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
+        print(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) from {describe_step(args.workdir, run.step, args.step)}")
 
 
 def main(argv: list[str] | None = None) -> None:

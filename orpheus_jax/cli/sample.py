@@ -10,7 +10,7 @@ Everything (config, vocabulary, weights) comes from the workdir. Samples are sep
 import sys
 
 from orpheus_jax import OrpheusError
-from orpheus_jax.cli import argument_parser, run_main
+from orpheus_jax.cli import add_step_argument, argument_parser, describe_step, run_main
 
 DASHES = "-" * 40
 
@@ -18,7 +18,7 @@ DASHES = "-" * 40
 def parse_args(argv):
     p = argument_parser(__doc__)
     p.add_argument("--workdir", required=True, help="a run directory written by train.py")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_step_argument(p)
     prompt = p.add_mutually_exclusive_group()
     prompt.add_argument("--prompt", default="", help="text to continue (default: a newline)")
     prompt.add_argument("--prompt_file", default=None, help="read the prompt from this file")
@@ -66,6 +66,8 @@ def parse_args(argv):
         raise OrpheusError(f"--top_k must be >= 0, got {args.top_k}")
     if args.num_samples <= 0:
         raise OrpheusError(f"--num_samples must be positive, got {args.num_samples}")
+    if not 0 <= args.seed < 2**32:
+        raise OrpheusError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.stop is not None:
         args.stop = decode_escapes(args.stop)
         if not args.stop:
@@ -101,17 +103,19 @@ def run_command(argv: list[str]) -> None:
             raise OrpheusError(f"cannot read --prompt_file: {e}") from None
 
     # After argument checks: bad flags answer at once. Neither Flax nor Orbax is imported unless the
-    # sampler must be built (a first run with these settings): see Sampler.from_run.
-    from orpheus_jax import checkpoint
+    # sampler must be built (a first run with these settings): see sampler_cache.kept_sampler.
     from orpheus_jax import config as config_lib
-    from orpheus_jax.cache import enable_compilation_cache
-    from orpheus_jax.sampler import Sampler
+    from orpheus_jax import rundir
+    from orpheus_jax.sampler_cache import kept_sampler
     from orpheus_jax.tokenizer import CharTokenizer
+    from orpheus_jax.user_cache import enable_compilation_cache
 
     enable_compilation_cache()
-    step = checkpoint.find_step(args.workdir, args.step)
-    cfg = config_lib.load(checkpoint.config_path(args.workdir))
-    tokenizer = CharTokenizer.load(checkpoint.tokenizer_path(args.workdir))
+    step = rundir.find_step(args.workdir, args.step)
+    if args.step == "best":
+        print(describe_step(args.workdir, step, args.step), file=sys.stderr, flush=True)
+    cfg = config_lib.load(rundir.config_path(args.workdir))
+    tokenizer = CharTokenizer.load(rundir.tokenizer_path(args.workdir))
     prompt = args.prompt or "\n"
     prompt_ids = tokenizer.encode(prompt)  # unknown characters: a one-line error naming them
     if args.shift is not None and not 1 <= args.shift < cfg.block_size:
@@ -119,7 +123,7 @@ def run_command(argv: list[str]) -> None:
 
     # Streaming shows one sample at a time (batch 1, the row's own key: the same text as batched).
     batches = [[r] for r in range(args.num_samples)] if args.stream else [list(range(args.num_samples))]
-    sampler = Sampler.from_run(
+    sampler = kept_sampler(
         args.workdir,
         step,
         batch_size=len(batches[0]),

@@ -14,14 +14,16 @@ others) or --coordinator_address HOST:PORT --num_processes N --process_id I (see
 
 import os
 import sys
+import time
 
 import jax
 from absl import flags
 from ml_collections import config_flags
 
-from orpheus_jax import OrpheusError, configs, data, deterministic_gpu_ops, distributed
+from orpheus_jax import OrpheusError, configs, data, distributed
 from orpheus_jax import config as config_lib
-from orpheus_jax.cache import enable_compilation_cache
+from orpheus_jax.cli import seconds_since_launch
+from orpheus_jax.user_cache import enable_compilation_cache
 from orpheus_jax.train import train
 
 SEED_CONFIG = configs.path(configs.SEED)
@@ -85,7 +87,7 @@ def join_run() -> None:
 
 def run_command() -> None:
     """The command: flags from sys.argv; errors for the user are OrpheusError."""
-    deterministic_gpu_ops()  # exact resume on GPUs too
+    launched_at = time.perf_counter() - seconds_since_launch()
     sys.argv[1:] = resolve_config_names(sys.argv[1:])  # ml_collections loads the config by path
     join_run()
     if not distributed.is_main():  # one voice per run: process 0's (errors still reach stderr)
@@ -119,7 +121,7 @@ def run_command() -> None:
             )
     workdir = FLAGS.workdir or os.path.join("runs", name)
     enable_compilation_cache()
-    train(cfg, workdir, data.resolve_corpus(FLAGS.data))
+    train(cfg, workdir, data.resolve_corpus(FLAGS.data), launched_at=launched_at)
     distributed.shutdown()  # leaves with the other processes, so none is cut off
 
 
