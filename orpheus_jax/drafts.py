@@ -17,12 +17,16 @@ best probe is enough. Why this structure:
   - small: the text (1 byte a token for up to 255 symbols) and one int32 a position, 4 MB for the
     Iliad, stored with np.savez as plain integer arrays;
   - quick to build: prefix doubling with NumPy sorts, starting from the first tokens packed into one
-    int64 key (9 tokens for 66 symbols), 6 sorts and ~0.7 s for the Iliad.
+    int64 key (9 tokens for 66 symbols), 6 sorts and 0.6 s for the Iliad on a 2-core CPU.
 The suffix array is complete (sorted on whole suffixes), so any max_match works with one index.
+Cost inside a compiled decode loop on that CPU: ~20-25 us a call at batch 1, ~45-50 us at batch 16
+(the best of 100 loops; 2-4x that with other jobs on the 2 cores).
 
 The match cap (max_match, default 16) bounds the gathers per probe. A character model's next characters
-depend on about the last word or two: past ~16 characters (3 words) a longer match seldom picks a
-different continuation, while every probe gathers max_match tokens per row.
+depend on about the last word or two, and past 16 characters a longer match no longer picks a better
+continuation: drafting the last 10% of the Iliad from the first 90% (8 drafts, a 256-token context),
+the first 1/2/4/8 drafts equal the text at 56.7/35.2/13.1/2.5% of positions with max_match 8,
+58.2/36.9/14.7/3.2% with 16, and the same with 32.
 
 Prompt lookup: the longest suffix match of the context within its own earlier positions (a repeated
 name, a refrain the model is writing) is found by comparing the context's last max_match tokens with
@@ -30,7 +34,10 @@ every earlier position at once (window length x max_match comparisons, no search
 copied from positions before `length` only; when the match is recent, the copy runs into the drafts
 themselves and repeats with the match's period (what the model would write if the text does repeat).
 
-The source with the longer match wins (ties: the training text). With no match at all (a last token
+The source with the longer match wins (ties: the training text). On the Iliad's own text the training
+text nearly always matches longer (the context alone gets the first draft right at 27% of positions,
+both together at 58.2%, 0.1 more than the text alone); the context's part is for what the training
+text lacks: a name or a line of the prompt, repeated. With no match at all (a last token
 the text never has), the drafts are the text's most frequent token.
 
 `index` is passed to `draft` as an argument, its arrays put on the device once (jax.device_put): as a
@@ -125,7 +132,7 @@ def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16):
     of it (past the text's end: its last token)."""
     length = jnp.asarray(length, jnp.int32)
     q_BM, n_valid = _reversed_context(window_BL, length, max_match)
-    text, suffix_array = index["text"], index["suffix_array"]
+    text, suffix_array = jnp.asarray(index["text"]), jnp.asarray(index["suffix_array"])
     n = text.shape[0]
     B, M = q_BM.shape
     offsets_M = jnp.arange(M)
@@ -137,7 +144,7 @@ def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16):
 
     def probe(_, carry):
         lo_B, hi_B, best_B, best_p_B = carry
-        mid_B = (lo_B + hi_B) // 2
+        mid_B = lo_B + (hi_B - lo_B) // 2
         p_B = suffix_array.at[jnp.minimum(mid_B, n - 1)].get(mode="promise_in_bounds")
         common_B, less_B = _common_prefix(reversed_text_at(p_B), q_BM, n_valid)
         active_B = lo_B < hi_B
@@ -148,9 +155,9 @@ def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16):
         better_B = common_B > best_B
         return lo_B, hi_B, jnp.where(better_B, common_B, best_B), jnp.where(better_B, p_B, best_p_B)
 
-    # Unrolled: XLA:CPU then runs the 20 probes of the Iliad 2x (batch 1) to 3x (batch 16) quicker.
     zeros_B = jnp.zeros((B,), jnp.int32)
     init = (zeros_B, jnp.full((B,), n, jnp.int32), zeros_B - 1, zeros_B)
+    # Unrolled: XLA:CPU then runs the 20 probes of the Iliad 2x (batch 1) to 3x (batch 16) quicker.
     _, _, match_B, p_B = lax.fori_loop(0, int(n).bit_length(), probe, init, unroll=True)
     # The match ends at text position n - 1 - p: continue from n - p (past the end: the last token).
     idx_BK = jnp.minimum(n - p_B[:, None] + jnp.arange(n_draft), n - 1)
@@ -199,5 +206,5 @@ def draft(index, window_BL, length, n_draft: int, max_match: int = 16):
     use_text_B = text_match_B >= own_match_B
     drafts_BK = jnp.where(use_text_B[:, None], text_BK, own_BK)
     match_B = jnp.maximum(text_match_B, own_match_B)
-    drafts_BK = jnp.where(match_B[:, None] > 0, drafts_BK, index["most_frequent"].astype(jnp.int32))
+    drafts_BK = jnp.where(match_B[:, None] > 0, drafts_BK, jnp.asarray(index["most_frequent"], jnp.int32))
     return drafts_BK, match_B
