@@ -31,7 +31,7 @@ def add_step_argument(p: argparse.ArgumentParser) -> None:
         try:
             return int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"--step takes a step number or 'best', got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"a step number or 'best', not {text!r}") from None
 
     p.add_argument("--step", type=step, default=None, help="checkpoint step, or best (default: the latest)")
 
