@@ -12,14 +12,11 @@ Shape suffixes as in model.py: N = B*H rows of attention, T queries, S keys, L b
 """
 
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-
-log = logging.getLogger(__name__)
 
 
 def attend_block(q_NTK, k_NSK, v_NSK, pos_T, pos_S, scale, dtype, carry, drop=lambda p: p):
@@ -85,6 +82,22 @@ def attend_fused(q_BTHK, k_BTHK, v_BTHK, scale, dtype):
     )
 
 
+def attend_pallas(q_NTK, k_NTK, v_NTK, seed_2, scale, rate):
+    """pallas_attention.flash_attention: compiled through Triton on a GPU, run by Pallas' interpreter
+    elsewhere (correct, and slow: the kernel is written for GPUs)."""
+    from orpheus_jax.pallas_attention import flash_attention
+
+    on_gpu = jax.default_backend() == "gpu"
+    if not on_gpu:
+        _say_once(f"attention 'pallas' runs in Pallas' interpreter on {jax.default_backend()} (slow: it is a GPU kernel)")
+    return flash_attention(q_NTK, k_NTK, v_NTK, seed_2, scale=scale, dropout_rate=rate, interpret=not on_gpu)
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    print(message, flush=True)
+
+
 def uses_fused(attention: str, dropout_active: bool) -> bool:
     """Whether a full pass takes jax.nn.dot_product_attention (see the module's docstring)."""
     if dropout_active or attention in ("xla", "pallas"):
@@ -108,6 +121,5 @@ def cudnn_works(dtype: str, head_size: int) -> bool:
         return True
     except Exception as e:  # cuDNN missing, no execution plan, unsupported GPU, ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        log.warning("cuDNN attention unavailable here (%s); using XLA's attention instead", reason)
-        print(f"cuDNN attention unavailable here ({reason}); using XLA's attention instead", flush=True)
+        _say_once(f"cuDNN attention unavailable here ({reason}); using XLA's attention instead")
         return False

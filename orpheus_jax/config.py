@@ -80,6 +80,15 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         _is_int(cfg.seed) and 0 <= cfg.seed < 2**32,
         f"seed must be an integer in [0, 2**32), got {cfg.seed!r}",
     )
+    head_size = cfg.n_embd // cfg.n_head
+    check(
+        cfg.attention != "pallas" or (head_size >= 16 and head_size & (head_size - 1) == 0),
+        f"attention pallas needs a head size that is a power of two, at least 16, got {head_size}",
+    )
+    check(
+        cfg.attention != "pallas" or cfg.dropout == 0 or cfg.dropout_rng == "hash",
+        "attention pallas draws its dropout masks from the hash: set dropout_rng to hash",
+    )
     check(
         cfg.pos_encoding != "rope" or (cfg.n_embd // cfg.n_head) % 2 == 0,
         f"pos_encoding rope needs an even head size, got {cfg.n_embd // cfg.n_head}",

@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from orpheus_jax import attention
+from orpheus_jax.hashing import hash_bits, keep_threshold
 from orpheus_jax.quantize import cast_weights, int8_product
 
 KVBuffers = tuple  # per layer: (key_NLK, value_NLK)
@@ -99,28 +100,6 @@ def rms_norm(x: jax.Array) -> jax.Array:
     return (x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)
 
 
-def _hash_uint32(x):
-    """murmur3's finalizer: a cheap, well-mixed 32-bit hash."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
-    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def hash_bits(shape, seed_2) -> jax.Array:
-    """uint32 bits, a hash of (each element's flat index, seed): sharding-invariant, like JAX's threefry."""
-    index = jnp.zeros(shape, jnp.uint32)
-    stride = 1
-    for axis in reversed(range(len(shape))):
-        index = index + lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-        stride *= shape[axis]
-    return _hash_uint32(_hash_uint32(index * jnp.uint32(0x9E3779B1) ^ seed_2[0]) ^ seed_2[1])
-
-
-def keep_threshold(rate: float) -> jnp.uint32:
-    """Hash bits at or above this are kept: a fraction 1 - rate of them."""
-    return jnp.uint32(round(rate * 2**32))
-
-
 class Dropout(nn.Module):
     """Inverted dropout, with its bits from JAX's PRNG (as nn.Dropout) or from `hash_bits`."""
 
@@ -136,7 +115,7 @@ class Dropout(nn.Module):
         if deterministic or self.rate == 0:
             return x
         if self.rng == "hash":
-            keep = hash_bits(x.shape, self.seed_bits()) >= keep_threshold(self.rate)
+            keep = hash_bits(x.shape, self.seed_bits()) >= jnp.uint32(keep_threshold(self.rate))
         else:
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.rate, x.shape)
         return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
@@ -250,11 +229,12 @@ class CausalSelfAttention(nn.Module):
         return Dropout(c.dropout, c.dropout_rng)(y_BTD, deterministic=deterministic), kv
 
     def _pallas(self, q_NTK, k_NTK, v_NTK, scale, weights_dropout, dropout_active):
-        from orpheus_jax.pallas_attention import sharded_flash_attention
-
+        """Our Pallas kernel, its dropout masks the hash bits of the same seed as attention "xla" draws
+        (the same Dropout module's key). Over several devices XLA gathers its inputs (a custom call has
+        no partitioning rule): the same numbers, each device doing all of it."""
         rate = self.config.dropout if dropout_active else 0.0
         seed_2 = weights_dropout.seed_bits() if dropout_active else jnp.zeros((2,), jnp.uint32)
-        return sharded_flash_attention(q_NTK, k_NTK, v_NTK, seed_2, scale=scale, dropout_rate=rate)
+        return attention.attend_pallas(q_NTK, k_NTK, v_NTK, seed_2, scale, rate)
 
 
 def activation(name: str):

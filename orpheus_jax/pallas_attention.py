@@ -37,15 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-_GOLDEN = 0x9E3779B1  # the index multiplier of model.hash_bits
-
-
-def _hash_uint32(x):
-    """murmur3's finalizer, as model._hash_uint32 (kept here so the model can import this module)."""
-    x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
-    x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
+from orpheus_jax.hashing import index_bits, keep_threshold
 
 def _keep_QC(params_ref, n, first_t, first_s, shape, T: int, threshold: int):
     """The keep mask of the block of rows first_t.. and columns first_s.. of attention matrix n: the hash of
@@ -57,12 +49,8 @@ def _keep_QC(params_ref, n, first_t, first_s, shape, T: int, threshold: int):
     s_QC = (first_s + lax.broadcasted_iota(jnp.int32, shape, 1)).astype(jnp.uint32)
     base = (n.astype(jnp.uint32) + n_offset) * jnp.uint32(T * T % 2**32)
     index_QC = base + t_QC * jnp.uint32(T) + s_QC
-    bits_QC = _hash_uint32(_hash_uint32(index_QC * jnp.uint32(_GOLDEN) ^ seed0) ^ seed1)
+    bits_QC = index_bits(index_QC, seed0, seed1)
     return bits_QC >= jnp.uint32(threshold)
-
-
-def _threshold(rate: float) -> int:
-    return round(rate * 2**32)  # as model.Dropout
 
 
 def _causal_scores(q_QK, k_CK, first_t, first_s, scale: float):
@@ -109,7 +97,7 @@ def _forward_kernel(*refs, scale, rate, block_q, block_k, T):
         decay_Q = jnp.exp(m_Q - new_m_Q)
         l_Q = l_Q * decay_Q + jnp.sum(p_QC, axis=1)
         if rate > 0:
-            keep_QC = _keep_QC(params_ref, n, first_t, first_s, p_QC.shape, T, _threshold(rate))
+            keep_QC = _keep_QC(params_ref, n, first_t, first_s, p_QC.shape, T, keep_threshold(rate))
             p_QC = jnp.where(keep_QC, p_QC / (1.0 - rate), 0.0)
         o_QK = o_QK * decay_Q[:, None] + _dot(p_QC.astype(v_CK.dtype), v_CK)
         return new_m_Q, l_Q, o_QK
@@ -172,7 +160,7 @@ def _probabilities(params_ref, n, q_QK, k_CK, lse_Q, first_t, first_s, *, scale,
     p_QC = jnp.exp(s_QC - lse_Q[:, None])
     if rate == 0:
         return p_QC, p_QC, None
-    keep_QC = _keep_QC(params_ref, n, first_t, first_s, p_QC.shape, T, _threshold(rate))
+    keep_QC = _keep_QC(params_ref, n, first_t, first_s, p_QC.shape, T, keep_threshold(rate))
     return p_QC, jnp.where(keep_QC, p_QC / (1.0 - rate), 0.0), keep_QC
 
 
