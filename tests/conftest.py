@@ -12,7 +12,25 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import pytest  # noqa: E402
+import pytest
+
+from orpheus_jax.user_cache import enable_compilation_cache
+
+# Tests compile the same small programs again and again (every train() of configs/tiny.py): JAX's
+# persistent cache, under $ORPHEUS_CACHE as for train.py (CI gives the run a fresh one), shares them
+# between tests, pytest-xdist workers and the processes the slow tests start.
+enable_compilation_cache()
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_process(request, monkeypatch):
+    """The fast tier (`-m "not slow"`) stays fast: a test that starts a process must be marked slow."""
+    if request.node.get_closest_marker("slow") is None:
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.slow")
+
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +75,6 @@ def tiny_run(small_text_path, tmp_path_factory) -> str:
         checkpoint_interval=50,
         log_interval=50,
     )
-    cfg.cpu_dots = "xla"  # oneDNN's train step compiles afresh each run; this one is only a fixture
     workdir = str(tmp_path_factory.mktemp("tiny_run") / "run")
     train(cfg, workdir, small_text_path)
     return workdir

@@ -20,6 +20,8 @@ from script_runner import assert_one_line_error, run
 pytest.importorskip("gradio", reason="pip install -r requirements-app.txt")
 gradio_client = pytest.importorskip("gradio_client", reason="pip install -r requirements-app.txt")
 
+pytestmark = pytest.mark.slow  # every test here starts a process (see pyproject.toml)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = "Achilles"
 

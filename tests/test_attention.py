@@ -34,6 +34,7 @@ def test_pallas_attention_equals_ours_logits_and_gradients(deterministic):
         assert np.abs(results["pallas"][0] - undropped).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_pallas_trains_like_xla_on_eight_devices(tiny_cfg, small_text_path, tmp_path):
     from orpheus_jax.train import train
 

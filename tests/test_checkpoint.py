@@ -5,6 +5,7 @@ import sys
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from script_runner import REPO
@@ -24,6 +25,7 @@ def run_dir(small_text_path, tmp_path_factory):
     return workdir, jax.tree.map(np.asarray, state.params)
 
 
+@pytest.mark.slow
 def test_load_run_gives_the_trained_parameters(run_dir):
     workdir, params = run_dir
     run = load_run(workdir)
@@ -32,6 +34,7 @@ def test_load_run_gives_the_trained_parameters(run_dir):
     assert load_run(workdir, step=10).step == 10
 
 
+@pytest.mark.slow
 def test_a_failed_restore_leaves_stderr_working(run_dir, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(run_dir[0], workdir)
@@ -81,6 +84,7 @@ OtherFailure()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("package", ["orbax", "other"])
 def test_orbax_failures_left_in_the_background_print_nothing_else(package, tmp_path):
     module = os.path.join(os.sep, "venv", package, "checkpoint", "serialization.py")
@@ -106,3 +110,50 @@ def test_one_run_holds_a_workdir_at_a_time(tmp_path):
     second = WorkdirLock(str(tmp_path))  # released: free again, and not reported as stale
     assert second.previous_holder is None
     second.release()
+
+
+def tiny_state(value: float):
+    return {"w": jnp.full((4, 3), value), "step": jnp.int32(value)}
+
+
+def kept(workdir):
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+def test_the_last_k_and_the_best_are_kept(tmp_path):
+    """keep=2: the last two saves, and the one with the lowest validation loss however old; a save's
+    record becomes the best only once it has finished (here: at the next save or wait)."""
+    from orpheus_jax.checkpoint import Checkpointer
+    from orpheus_jax.rundir import read_best
+
+    workdir = str(tmp_path)
+    ckpt = Checkpointer(workdir, keep=2, writes_record=True)
+    for step, val in [(1, 3.0), (2, 2.0), (3, None), (4, 2.5), (5, None), (6, 1.5), (7, None)]:
+        ckpt.save(step, tiny_state(step), val)
+        ckpt.wait()
+    assert kept(workdir) == [6, 7] and read_best(workdir) == (6, 1.5)
+    ckpt.close()
+    ckpt = Checkpointer(workdir, keep=1, writes_record=True)  # a resumed run keeps the record
+    assert ckpt.best == (6, 1.5) and ckpt.improves(1.4) and not ckpt.improves(1.6)
+    ckpt.save(8, tiny_state(8), 1.6)
+    ckpt.wait()
+    assert kept(workdir) == [6, 8]
+    ckpt.close()
+
+
+def test_a_best_whose_save_did_not_finish_does_not_replace_the_record(tmp_path):
+    from orpheus_jax.checkpoint import Checkpointer
+    from orpheus_jax.rundir import read_best
+
+    workdir = str(tmp_path)
+    ckpt = Checkpointer(workdir, keep=1, writes_record=True)
+    ckpt.save(1, tiny_state(1), 2.0)
+    ckpt.wait()
+    ckpt.save(2, tiny_state(2), 1.0)  # in flight: step 1 is still the best on disk, and kept
+    assert read_best(workdir) == (1, 2.0) and ckpt.best_so_far() == (2, 1.0)
+    assert 1 in ckpt.all_steps()
+    ckpt.wait()
+    assert read_best(workdir) == (2, 1.0) and kept(workdir) == [2]
+    ckpt.close()
+    os.remove(os.path.join(workdir, "best.json"))  # a record lost with a crash: none is invented
+    assert Checkpointer(workdir, keep=1).best is None

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from script_runner import assert_one_line_error, run
 
+pytestmark = pytest.mark.slow  # every test here starts a process (see pyproject.toml)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config", os.path.join(REPO, "configs", "tiny.py")]
 
@@ -290,8 +292,7 @@ def test_sample_empty_prompt_starts_from_a_newline_and_stop_ends_it(trained):
     assert result.stdout.startswith("\n") and result.stdout.endswith(" \n") and result.stdout.count(" ") == 1
 
 
-@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8"])
-def test_a_second_sample_loads_the_kept_sampler_without_flax_or_orbax(trained, tmp_path, weights):
+def test_a_second_sample_loads_the_kept_sampler_without_flax_or_orbax(trained, tmp_path, weights="bfloat16"):
     """The second run with the same settings takes its compiled programs and parameters from the user
     cache (sampler_cache.kept_sampler): it imports neither Flax nor Orbax, and prints the same text."""
     args = ["--workdir", trained[0], "--prompt", "Sing", "--max_new_tokens", "40", "--weights", weights]

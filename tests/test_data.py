@@ -173,6 +173,7 @@ def test_host_windows_equal_the_device_windows(grad_accum_steps, prng_impl, monk
         assert tokens.tobytes().find(window.tobytes()) >= 0
 
 
+@pytest.mark.slow
 def test_training_from_the_host_equals_training_on_the_device(tiny_cfg, small_text_path, tmp_path):
     """device_data_budget 0: both splits batched on the host; the same run, number for number."""
     tiny_cfg.update(

@@ -23,6 +23,8 @@ from orpheus_jax.sharding import make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
 from orpheus_jax.train import init_state, make_train_step, state_shardings, train
 
+pytestmark = pytest.mark.slow  # every test here starts a process (see pyproject.toml)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Evaluations at 0 and every 4 steps, a loss logged every step, a schedule that max_iters does not move.
 SETTINGS = dict(log_interval=1, eval_interval=4, checkpoint_interval=4, lr_decay_iters=1000, cpu_dots="xla")

@@ -84,6 +84,7 @@ def test_prefill_and_step_match_jax(pos_encoding, attn_scale):
         np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_export_py_writes_the_seeds_file_format(tiny_run, tmp_path):
     from orpheus_jax.checkpoint import load_run
 
@@ -132,6 +133,7 @@ def seed_run(tmp_path_factory, iliad_path):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["tiny_run", "seed_run"])
 def test_greedy_text_from_onnx_runtime_equals_sample_py(which, request, tmp_path, iliad_path):
     workdir = request.getfixturevalue(which)
@@ -168,6 +170,7 @@ def test_greedy_text_from_onnx_runtime_equals_sample_py(which, request, tmp_path
     assert len(ours.stdout) == len(prompt) + n + 1 and len(set(ours.stdout[len(prompt) :])) > 2
 
 
+@pytest.mark.slow
 def test_export_py_errors_are_one_line(tmp_path):
     result = run("export.py", "--workdir", str(tmp_path / "none"), "--onnx", str(tmp_path / "m.onnx"))
     assert_one_line_error(result, f"no such workdir: {tmp_path / 'none'}")

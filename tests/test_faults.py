@@ -14,6 +14,8 @@ import pytest
 from script_runner import REPO, assert_one_line_error, run
 from test_cli import TINY, trained  # noqa: F401 (a fixture)
 
+pytestmark = pytest.mark.slow  # every test here starts a process (see pyproject.toml)
+
 
 def strict_records(workdir):
     """metrics.jsonl read as strict JSON: NaN/Infinity tokens are refused."""

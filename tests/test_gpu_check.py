@@ -52,6 +52,7 @@ def test_ratios_and_goals():
     }
 
 
+@pytest.mark.slow
 def test_smoke_mode_runs_every_step_on_the_cpu(tmp_path, iliad_path):
     out = tmp_path / "figures.json"
     env = dict(os.environ, PYTHON=sys.executable, ORPHEUS_DATA=iliad_path, TMPDIR=str(tmp_path))

@@ -129,6 +129,7 @@ def test_plot_draws_each_runs_losses(tmp_path):
     assert image.shape[:2] == (550, 900) and not os.path.exists(out + ".tmp")
 
 
+@pytest.mark.slow
 def test_training_writes_mfu_where_the_peak_is_known(
     tiny_cfg, small_text_path, tmp_path, monkeypatch, read_events
 ):
@@ -154,6 +155,7 @@ def test_training_writes_mfu_where_the_peak_is_known(
     assert [step for step, _ in texts["eval/sample/text_summary"]] == [0, 10]
 
 
+@pytest.mark.slow
 def test_a_compile_inside_the_loop_does_not_count_against_tokens_per_s(tiny_cfg, small_text_path, tmp_path, monkeypatch):
     """Calls shorter than steps_per_call (here: to land on log_interval 2) compile inside the loop. A
     clock that jumps 1000 s during every compile shows whether that time enters a tokens/s window."""

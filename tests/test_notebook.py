@@ -37,6 +37,7 @@ def kernel_of_this_python(tmp_path, monkeypatch):
     return "orpheus-test"
 
 
+@pytest.mark.slow
 def test_notebook_runs_every_cell_and_samples(kernel_of_this_python, iliad_path, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     env = dict(

@@ -67,6 +67,7 @@ def test_pyproject_dependencies_are_the_requirements_files_floors():
     assert set(included) <= {"requirements.txt", *EXTRA_FILES.values()}
 
 
+@pytest.mark.slow
 def test_every_console_script_resolves_to_the_main_its_checkout_script_runs():
     """Each orpheus-NAME is module:function naming a callable (imported in a fresh interpreter, so the
     CLIs' absl flags stay out of this one), and the checkout's NAME.py runs the same main()."""

@@ -74,11 +74,14 @@ def test_blockwise_prefill_and_refill_equal_the_full_pass(params):
 
 
 def naive_greedy(params, prompt, n_new, cfg=CFG):
-    """The seed's sampler: re-run the whole (cropped) context for every new token."""
+    """The seed's sampler: re-run the whole (cropped) context for every new token. The context is padded
+    to block_size at its end (causal: the padding changes no logit before it), so one compilation serves."""
+    last_logits = jax.jit(lambda p, tokens, n: forward(cfg, p, tokens)[0, n - 1])
     ids = list(prompt)
     for _ in range(n_new):
-        context = jnp.asarray([ids[-cfg.block_size :]], jnp.int32)
-        ids.append(int(jnp.argmax(forward(cfg, params, context)[0, -1])))
+        context = ids[-cfg.block_size :]
+        padded = jnp.asarray([context + [0] * (cfg.block_size - len(context))], jnp.int32)
+        ids.append(int(jnp.argmax(last_logits(params, padded, len(context)))))
     return ids[len(prompt) :]
 
 
@@ -220,9 +223,11 @@ def test_top_k_draws_stay_in_the_top_k_of_model_logits(params):
     sampler = Sampler(CFG, params, batch_size=4, chunk=8, shift=1)
     prompt = [1, 2, 3]
     tokens = cached_tokens(sampler, prompt, 40, rows=range(4), temperature=1.5, top_k=2)
+    last_logits = jax.jit(lambda tokens, n: forward(CFG, params, tokens)[0, n - 1])
     for row in tokens:  # each drawn token ranks first or second under the full forward of its context
         ids = list(prompt)
         for t in row:
-            logits = np.asarray(forward(CFG, params, jnp.asarray([ids[-CFG.block_size :]])))[0, -1]
-            assert t in np.argsort(-logits)[:2]
+            context = ids[-CFG.block_size :]
+            padded = jnp.asarray([context + [0] * (CFG.block_size - len(context))])  # causal: padding after
+            assert t in np.argsort(-np.asarray(last_logits(padded, len(context))))[:2]
             ids.append(int(t))

@@ -52,6 +52,7 @@ def imported(tmp_path_factory, iliad_path):
     return workdir, result
 
 
+@pytest.mark.slow
 def test_import_writes_a_run_that_loads_like_any(imported):
     from orpheus_jax.checkpoint import load_run
 
@@ -66,6 +67,7 @@ def test_import_writes_a_run_that_loads_like_any(imported):
     assert np.abs(np.asarray(forward(run_.model_cfg, run_.params, tokens)) - torch_logits).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_sample_py_reads_the_imported_run(imported):
     result = run(
         "sample.py",
@@ -82,6 +84,7 @@ def test_sample_py_reads_the_imported_run(imported):
     assert result.stdout.startswith("Achilles") and len(result.stdout) == len("Achilles") + 40 + 1
 
 
+@pytest.mark.slow
 def test_train_py_fine_tunes_the_imported_run(imported, small_text_path, tmp_path):
     workdir = str(tmp_path / "run")
     shutil.copytree(imported[0], workdir)
@@ -131,6 +134,7 @@ def tensor_pickle(size: str, stride: str) -> bytes:
     )
 
 
+@pytest.mark.slow
 def test_a_pickle_naming_os_system_is_refused_before_anything_runs(tmp_path):
     marker = tmp_path / "executed"
     evil = tmp_path / "model.pth"
@@ -141,6 +145,7 @@ def test_a_pickle_naming_os_system_is_refused_before_anything_runs(tmp_path):
     assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "pkl, words",
     [
@@ -186,6 +191,7 @@ def test_a_hand_written_state_dict_with_a_strided_tensor(tmp_path):
     np.testing.assert_array_equal(state["w"], [[0, 2], [1, 3]])
 
 
+@pytest.mark.slow
 def test_truncated_and_corrupt_files(tmp_path):
     data = open(SEED_MODEL, "rb").read()
     truncated = tmp_path / "truncated.pth"
@@ -206,6 +212,7 @@ def test_truncated_and_corrupt_files(tmp_path):
         read_torch_file(str(tmp_path / "missing.pth"))
 
 
+@pytest.mark.slow
 def test_another_architecture_is_refused(tmp_path):
     # Karpathy's gpt.py names (ln1, ln2, ln_f, proj): the seed renamed them.
     result = run(
@@ -230,6 +237,7 @@ def test_another_architecture_is_refused(tmp_path):
             seed_to_params(bad)
 
 
+@pytest.mark.slow
 def test_vocabulary_must_match_the_text_and_a_run_is_never_overwritten(imported, tmp_path, iliad_path):
     from configs import orpheus_seed
     from orpheus_jax.seed_import import import_seed

@@ -59,7 +59,12 @@ def test_initial_loss_is_uniform(tiny_cfg, iliad_tokens):
 
 @pytest.mark.parametrize(
     "prng_impl, dropout_rng",
-    [("threefry2x32", "jax"), ("rbg", "jax"), ("unsafe_rbg", "jax"), ("threefry2x32", "hash")],
+    [
+        ("threefry2x32", "hash"),  # the default; JAX's own bits and other generators in the full suite
+        pytest.param("threefry2x32", "jax", marks=pytest.mark.slow),
+        pytest.param("rbg", "jax", marks=pytest.mark.slow),
+        pytest.param("unsafe_rbg", "jax", marks=pytest.mark.slow),
+    ],
 )
 def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens, prng_impl, dropout_rng):
     assert len(jax.devices()) == 8
@@ -72,6 +77,7 @@ def test_one_device_and_eight_devices_agree(tiny_cfg, iliad_tokens, prng_impl, d
     assert not np.allclose(one_losses[0], one_losses[-1])  # it did train
 
 
+@pytest.mark.slow  # oneDNN's steps cannot be kept in the compile cache: two compiles every run
 @pytest.mark.skipif(not jaxlib_has_onednn_dots(), reason="this jaxlib has no oneDNN dot options")
 def test_onednn_dots_train_like_xla_dots(tiny_cfg, iliad_tokens):
     """cpu_dots only moves the matmuls to another library: XLA's own dots are the reference."""
@@ -128,6 +134,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, iliad_tokens):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new_state.params, expected)
 
 
+@pytest.mark.slow
 def test_overfits_a_short_text(tiny_cfg, tmp_path):
     text = "Sing, O goddess, the anger of Achilles son of Peleus. " * 4
     path = tmp_path / "short.txt"
@@ -156,6 +163,7 @@ def read_losses(workdir):
     return {r["step"]: r["loss"] for r in map(json.loads, open(f"{workdir}/metrics.jsonl")) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.update(max_iters=8, lr_decay_iters=16, log_interval=1, eval_interval=4, checkpoint_interval=4)
     straight = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / "a"), small_text_path)
@@ -171,6 +179,7 @@ def test_resume_is_exact(tiny_cfg, small_text_path, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, straight.opt_state, resumed.opt_state)
 
 
+@pytest.mark.slow
 def test_other_model_in_workdir_is_refused(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.max_iters = tiny_cfg.checkpoint_interval = 2
     train(tiny_cfg, str(tmp_path), small_text_path)
@@ -183,6 +192,7 @@ def read_records(workdir):
     return [json.loads(line) for line in open(f"{workdir}/metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_resume_with_another_steps_per_call_lands_on_every_boundary(tiny_cfg, small_text_path, tmp_path):
     """Stopped at step 7 with 1 step per call, resumed with 5: the calls are shortened to reach
     step 10, then every interval and max_iters is hit, saved and logged as in one straight run."""
@@ -207,6 +217,7 @@ def test_resume_with_another_steps_per_call_lands_on_every_boundary(tiny_cfg, sm
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, resumed.params)
 
 
+@pytest.mark.slow
 def test_intervals_that_are_not_multiples_of_steps_per_call_are_landed_on(
     tiny_cfg, small_text_path, tmp_path
 ):
@@ -226,6 +237,7 @@ def test_intervals_that_are_not_multiples_of_steps_per_call_are_landed_on(
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), straight.params, scanned.params)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_own_randomness(tiny_cfg, small_text_path, tmp_path, capsys):
     """A run begun with JAX's dropout bits (as before hash became the default; older runs' config.json
     lacks the key) resumes with them, whatever the config now says, and ends as its straight self."""
@@ -244,6 +256,7 @@ def test_a_resumed_run_keeps_its_own_randomness(tiny_cfg, small_text_path, tmp_p
     assert json.loads(config_path.read_text())["dropout_rng"] == "jax"
 
 
+@pytest.mark.slow
 def test_raising_max_iters_keeps_the_learning_rate_continuous(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.update(max_iters=20, log_interval=1, warmup_iters=5)
     workdir = str(tmp_path / "run")
@@ -260,6 +273,7 @@ def test_raising_max_iters_keeps_the_learning_rate_continuous(tiny_cfg, small_te
     assert lr[41] > 2 * tiny_cfg.min_lr
 
 
+@pytest.mark.slow
 def test_log_and_eval_lines_report_the_rate_of_the_same_update(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.update(max_iters=10, warmup_iters=4, log_interval=5, eval_interval=5)
     train(tiny_cfg, str(tmp_path), small_text_path)
@@ -276,6 +290,7 @@ def rates_and_losses(workdir):
     return {r["step"]: (r["lr"], r["loss"]) for r in read_records(workdir) if "loss" in r}
 
 
+@pytest.mark.slow
 def test_a_raised_run_keeps_its_rate_through_any_number_of_interruptions(tiny_cfg, small_text_path, tmp_path):
     """Train to 20, raise max_iters to 40: the cosine ended at 20 and the rate stays at min_lr. Killed
     after step 25 and again after 35 (their later checkpoints lost), resumed by the same command, the
@@ -299,6 +314,7 @@ def test_a_raised_run_keeps_its_rate_through_any_number_of_interruptions(tiny_cf
     assert all(got[s][0] == pytest.approx(tiny_cfg.min_lr) for s in range(20, 41))
 
 
+@pytest.mark.slow
 def test_another_optimizer_is_refused_before_any_work(tiny_cfg, small_text_path, tmp_path):
     tiny_cfg.max_iters = tiny_cfg.checkpoint_interval = 2
     train(tiny_cfg, str(tmp_path), small_text_path)
@@ -323,6 +339,7 @@ def scripted_val_losses(monkeypatch, val_by_step):
     monkeypatch.setattr(train_lib, "estimate_loss", estimate)
 
 
+@pytest.mark.slow
 def test_the_best_checkpoint_outlives_newer_ones_and_loads_as_best(tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys):
     """The validation loss is lowest at step 8, then rises: keep_checkpoints=1 newer saves must not delete
     step 8, a resumed run keeps the record, and load_run(step="best") gives step 8's weights."""
@@ -346,6 +363,7 @@ def test_the_best_checkpoint_outlives_newer_ones_and_loads_as_best(tiny_cfg, sma
     assert "Best: val loss 2.5000 at step 8" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_early_stop_after_patience_evaluations_without_improvement(tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys):
     scripted_val_losses(monkeypatch, {0: 4.0, 2: 3.0, 4: 3.1, 6: 3.05, 8: 2.0, 10: 2.1})
     tiny_cfg.update(max_iters=40, eval_interval=2, checkpoint_interval=40, early_stop_patience=2)
@@ -359,6 +377,7 @@ def test_early_stop_after_patience_evaluations_without_improvement(tiny_cfg, sma
     assert int(state.step) == 10
 
 
+@pytest.mark.slow
 def test_resume_with_averaged_weights_is_exact(tiny_cfg, small_text_path, tmp_path):
     from orpheus_jax.checkpoint import load_run
 

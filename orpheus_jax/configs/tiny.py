@@ -20,4 +20,5 @@ def get_config():
     c.log_interval = 5
     c.steps_per_call = 1  # tests count steps one call at a time unless they ask for more
     c.checkpoint_interval = 10
+    c.cpu_dots = "xla"  # compiled programs the persistent cache can keep: tests reuse them
     return c
