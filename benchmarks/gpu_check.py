@@ -1,20 +1,22 @@
 #!/usr/bin/env python3
-"""The accelerator check: train, sample and the PyTorch reference, in one run (run by gpu_check.sh).
+"""The accelerator check: training, its variants, exactness, sampling and the PyTorch reference, in one
+run (run by gpu_check.sh; one lease of a GPU machine).
 
-1. train.py with the seed recipe in bfloat16, all 5,000 steps, in a subprocess as a user runs it:
-   process wall time, training time (the loop's timed intervals: no compile, evaluations or
-   checkpoint waits), median tokens/s and MFU over the log lines, final val loss. Then 1,500 steps
-   of it without the deterministic GPU kernels train.py asks for, for what they cost.
-2. benchmarks/bench_sample.py: cached-sampler tokens/s at batch 1 and 16, 500 new tokens, for float32,
-   bfloat16 and int8 weights.
-3. ../shared/bench/torch_reference.py on the same device in bfloat16 autocast: `--impl seed` (the
-   seed's code) and `--impl fused --compile` (what a nanoGPT user runs), training tokens/s; and the
-   seed's sampler at batch 1 and 16.
+1. train.py with the seed recipe in bfloat16, all 5,000 steps, today's defaults, cold caches, in a
+   subprocess as a user runs it: launch-to-done seconds, training seconds (the loop's timed
+   intervals), the run's own time breakdown (its last line), median tokens/s and MFU, final and best
+   val loss.
+2. Variants, --variant_steps each (tokens/s from their log lines): the embedding as a lookup with and
+   without XLA's deterministic GPU kernels (the defaults before issue 20), the Pallas attention.
+3. --options: the seed recipe with the model options issue 22 chose, all 5,000 steps: best val loss.
+4. Exactness on the device: pytest's resume test (no deterministic-ops flag) and the Pallas kernel's.
+5. benchmarks/bench_sample.py: characters/s at batch 1, with and without drafts.
+6. ../shared/bench/torch_reference.py on the same device in bfloat16 autocast: `--impl seed` and
+   `--impl fused --compile`, training tokens/s.
 
-Prints a table (lines starting with '# ') and then one JSON object with every figure; --json also
-writes it to a file (after each step too). --smoke runs a tiny version on the CPU (for tests): the
-tiny config, a few new tokens, the reference's small config without --compile, and only if torch is
-importable.
+Prints a table (lines starting with '# ') and one JSON object with every figure; --json writes it to
+a file after each step too, so a run cut off keeps what it measured. --smoke runs a tiny version of
+every step on the CPU (for tests): no figure of it means anything.
 """
 
 import argparse
@@ -28,21 +30,19 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOALS = {"training_s": 60.0, "x_torch_fused_compiled": 1.0, "x_torch_seed": 3.0}  # issue 8's goals
+GOALS = {"training_s": 45.0, "process_s": 75.0, "x_torch_fused_compiled": 1.3}  # issue 20's goals
+TIME_LINE = re.compile(r"^Time: ([\d.]+) s from launch: (.*?)(?:; beside training: (.*))?$", re.M)
 
 
-def run(cmd: list[str], env=None) -> tuple[str, float]:
-    """Run a command from the repository root; returns (stdout, wall seconds); exits on failure."""
+def run(cmd: list[str], env=None, check=True) -> tuple[str, float]:
+    """Run a command from the repository root; returns (stdout, wall seconds)."""
     print("$ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(
-            f"error: command failed ({proc.returncode}): {' '.join(cmd)}\n"
-            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        )
-    return proc.stdout, wall
+    if proc.returncode != 0 and check:
+        sys.exit(f"error: command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc.stdout + ("" if proc.returncode == 0 else f"\nEXIT {proc.returncode}\n{proc.stderr[-3000:]}"), wall
 
 
 def json_lines(text: str) -> list[dict]:
@@ -57,11 +57,21 @@ def json_lines(text: str) -> list[dict]:
     return out
 
 
+def time_breakdown(stdout: str) -> dict | None:
+    """The parts of the run's closing "Time: ..." line, in seconds."""
+    match = TIME_LINE.search(stdout)
+    if not match:
+        return None
+    parts = {"launch_to_done": float(match.group(1))}
+    for group, prefix in ((match.group(2), ""), (match.group(3) or "", "beside_training:")):
+        for name, seconds in re.findall(r"([a-z][a-z -]*?) ([\d.-]+) s", group):
+            parts[prefix + name.strip()] = float(seconds)
+    return parts
+
+
 def summarize_training(records: list[dict], run_config: dict) -> dict:
     """Figures of a finished train.py run from its metrics.jsonl records and config.json."""
-    tokens_per_step = (
-        run_config["batch_size"] * run_config["block_size"] * run_config.get("grad_accum_steps", 1)
-    )
+    tokens_per_step = run_config["batch_size"] * run_config["block_size"] * run_config.get("grad_accum_steps", 1)
     logs = [r for r in records if r.get("tokens_per_s")]
     evals = [r for r in records if "val_loss" in r]
     training_s, previous = 0.0, 0
@@ -70,19 +80,20 @@ def summarize_training(records: list[dict], run_config: dict) -> dict:
         previous = r["step"]
     mfus = [r["mfu"] for r in logs if r.get("mfu") is not None]
     return dict(
-        steps=logs[-1]["step"] if logs else 0,
-        training_s=training_s,
+        steps=logs[-1]["step"] if logs else 0, training_s=training_s,
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in logs) if logs else None,
         mfu=statistics.median(mfus) if mfus else None,
         final_val_loss=evals[-1]["val_loss"] if evals else None,
         final_train_loss=evals[-1]["train_loss"] if evals else None,
-    )
+        best_val_loss=min(r["val_loss"] for r in evals) if evals else None,
+        best_step=min(evals, key=lambda r: r["val_loss"])["step"] if evals else None,
+    )  # fmt: skip
 
 
-def train_run(py: str, train_args: list[str], workdir: str | None = None, xla_flags: str | None = None):
-    """train.py in a subprocess from cold caches: (its figures, its config.json)."""
+def train_run(py: str, train_args: list[str], xla_flags: str | None = None) -> dict:
+    """train.py in a subprocess from cold caches: its figures."""
     with tempfile.TemporaryDirectory(prefix="orpheus-gpu-check-") as tmp:
-        workdir = workdir or os.path.join(tmp, "run")
+        workdir = os.path.join(tmp, "run")
         env = dict(os.environ, ORPHEUS_CACHE=os.path.join(tmp, "cache"))  # compile cold
         if xla_flags is not None:
             env["XLA_FLAGS"] = xla_flags
@@ -93,34 +104,125 @@ def train_run(py: str, train_args: list[str], workdir: str | None = None, xla_fl
         with open(os.path.join(workdir, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]
     return dict(
-        summarize_training(records, run_config),
-        process_s=wall,
-        compile_s=float(compiled.group(1)) if compiled else None,
-        dtype=run_config["dtype"],
-    ), run_config
+        summarize_training(records, run_config), process_s=wall, breakdown=time_breakdown(out),
+        compile_s=float(compiled.group(1)) if compiled else None, dtype=run_config["dtype"],
+    )  # fmt: skip
 
 
 def compare(figures: dict) -> dict:
-    """Ratios against the PyTorch reference, and each of issue 8's goals: met, missed, or not measured."""
+    """Ratios against the PyTorch reference, and each of issue 20's goals: met, missed, or not measured."""
     jax_tok_s = figures["train"].get("tokens_per_s")
     torch = figures.get("torch_train", {})
     ratios = {f"x_torch_{name}": jax_tok_s / r["tokens_per_s"] for name, r in torch.items() if jax_tok_s}
-    goals = {"training_s": figures["train"].get("training_s"), **ratios}
+    values = {"training_s": figures["train"].get("training_s"), "process_s": figures["train"].get("process_s"), **ratios}
     verdict = {}
     for key, goal in GOALS.items():
-        value = goals.get(key)
-        met = None if value is None else (value < goal if key == "training_s" else value >= goal)
+        value = values.get(key)
+        met = None if value is None else (value < goal if key.endswith("_s") else value >= goal)
         verdict[key] = dict(value=value, goal=goal, met=met)
     return dict(ratios=ratios, goals=verdict)
+
+
+def steps(args, py: str, data: str, figures: dict, save) -> None:
+    """Each measurement in turn, saving the figures after each."""
+    smoke = args.smoke
+    base = ["--config", "tiny", "--config.max_iters=10"] if smoke else ["--config", "iliad_char", "--config.dtype=bfloat16"]
+    base += ["--data", data]
+    short = ["--config.max_iters=" + ("6" if smoke else str(args.variant_steps))]
+    figures["train"] = train_run(py, base)
+    save()
+    flags = os.environ.get("XLA_FLAGS", "")
+    variants = {
+        "gather_deterministic": (["--config.token_embedding=gather"], f"{flags} --xla_gpu_deterministic_ops=true"),
+        "gather": (["--config.token_embedding=gather"], None),
+        "pallas": (["--config.attention=pallas"], None),
+    }
+    figures["variants"] = {}
+    for name, (extra, xla_flags) in variants.items():
+        if smoke and name == "pallas":
+            continue  # the interpreter on a CPU: minutes, and tested elsewhere
+        figures["variants"][name] = train_run(py, base + short + extra, xla_flags.strip() if xla_flags else None)
+        save()
+    if args.options:
+        figures["options"] = dict(args=args.options.split(), **train_run(py, base + args.options.split()))
+        save()
+    exactness(args, py, data, figures)
+    save()
+    out, _ = run([py, "benchmarks/bench_sample.py", *sample_args(smoke)])
+    figures["sample"] = [r for r in json_lines(out) if r.get("metric") == "tokens_per_s"]
+    save()
+    torch_reference(args, py, data, figures, save)
+
+
+def exactness(args, py: str, data: str, figures: dict) -> None:
+    """The resume test without the deterministic flag, and the Pallas kernel's GPU test, on the device."""
+    if args.smoke:
+        return
+    env = dict(os.environ, ORPHEUS_DATA=data, JAX_PLATFORMS="cuda", JAX_DEFAULT_MATMUL_PRECISION="highest")
+    tests = ["tests/test_train.py::test_resume_is_exact", "tests/test_pallas_attention.py::test_compiled_kernels_on_gpu",
+             "tests/test_train.py::test_resume_with_averaged_weights_is_exact"]
+    out, wall = run([py, "-m", "pytest", "-q", "-p", "no:xdist", "-o", "addopts=", "-p", "no:cacheprovider", *tests],
+                    env=env, check=False)
+    figures["exactness"] = dict(summary=(out.strip().splitlines() or [""])[-1], seconds=wall)
+
+
+def sample_args(smoke: bool) -> list[str]:
+    if smoke:
+        return ["--new", "4", "--batch", "1", "--reps", "1", "--positions", "10", "--latency_reps", "1",
+                "--bw_mib", "4", "--naive_batch", ""]  # fmt: skip
+    return ["--new", "500", "--batch", "1", "--reps", "3", "--naive_batch", "", "--weights", "bfloat16"]
+
+
+def torch_reference(args, py: str, data: str, figures: dict, save) -> None:
+    has_torch = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
+    if not os.path.exists(args.torch_reference) or not has_torch:
+        figures["torch_skipped"] = "no torch" if not has_torch else f"no {args.torch_reference}"
+        return
+    common = (["--config", "small", "--device", "cpu", "--steps", "2", "--warmup", "1"] if args.smoke else
+              ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--steps", "50", "--warmup", "10"])  # fmt: skip
+    variants = {"seed": ["--impl", "seed"], "fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"])}
+    figures["torch_train"] = {}
+    for name, extra in variants.items():
+        out, _ = run([py, args.torch_reference, "train", *common, *extra], env=dict(os.environ, ORPHEUS_DATA=data))
+        figures["torch_train"][name] = json_lines(out)[-1]
+        save()
+
+
+def report(figures: dict, smoke: bool) -> None:
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)
+    if smoke:
+        print("# SMOKE RUN: tiny sizes on a CPU: no figure or goal below means anything")
+    print(f"# device: {figures['machine']}")
+    t = figures["train"]
+    print(f"# train.py, {t['steps']} steps ({t['dtype']}): launch to done {t['process_s']:.1f} s, training "
+          f"{t['training_s']:.1f} s, {fmt(t['tokens_per_s'], ',.0f')} tok/s, MFU {fmt(t['mfu'], '.1%')}, final val "
+          f"{fmt(t['final_val_loss'], '.4f')}, best {fmt(t['best_val_loss'], '.4f')} at step {t['best_step']}")
+    print(f"# its time breakdown: {t['breakdown']}")
+    for name, v in figures.get("variants", {}).items():
+        ratio = v["tokens_per_s"] / t["tokens_per_s"] if v.get("tokens_per_s") and t.get("tokens_per_s") else None
+        print(f"# variant {name}: {fmt(v['tokens_per_s'], ',.0f')} tok/s ({fmt(ratio, '.3f')} of the defaults')")
+    if "options" in figures:
+        o = figures["options"]
+        print(f"# options {' '.join(o['args'])}: best val {fmt(o['best_val_loss'], '.4f')} at step {o['best_step']}, "
+              f"{fmt(o['tokens_per_s'], ',.0f')} tok/s")
+    if "exactness" in figures:
+        print(f"# exactness tests on the device: {figures['exactness']['summary']}")
+    for r in figures.get("sample", []):
+        print(f"# sampling {r.get('sampler')} {r.get('weights')} batch {r.get('batch')} draft {r.get('draft', 'none')}: "
+              f"{r['value']:,.0f} tok/s")
+    for name, r in figures.get("torch_train", {}).items():
+        print(f"# torch reference train {name}: {r['tokens_per_s']:,.0f} tok/s")
+    for key, g in figures["goals"].items():
+        state = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
+        print(f"# goal {key} {'<' if key.endswith('_s') else '>='} {g['goal']}: {fmt(g['value'], '.3g')} ({state})")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a tiny CPU version of every step")
-    ap.add_argument(
-        "--torch_reference", default=os.path.join(REPO, "..", "shared", "bench", "torch_reference.py")
-    )
-    ap.add_argument("--workdir", default=None, help="the training run's directory (default: a temporary one)")
+    ap.add_argument("--torch_reference", default=os.path.join(REPO, "..", "shared", "bench", "torch_reference.py"))
+    ap.add_argument("--variant_steps", type=int, default=1000, help="steps of each variant run")
+    ap.add_argument("--options", default="", help="--config.KEY=VALUE ... of the run with issue 22's options")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     args = ap.parse_args()
     py = sys.executable
@@ -133,146 +235,13 @@ def main():
                 json.dump(figures, f, indent=1)
 
     # Which device and software: from a subprocess, so this process never holds the accelerator.
-    out, _ = run(
-        [
-            py,
-            "-c",
-            "import json, platform, jax; d = jax.devices()[0]; print(json.dumps(dict("
-            "backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(), "
-            "jax=jax.__version__, python=platform.python_version())))",
-        ]
-    )
+    out, _ = run([py, "-c", "import json, platform, jax; d = jax.devices()[0]; print(json.dumps(dict("
+                  "backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(), "
+                  "jax=jax.__version__, python=platform.python_version())))"])  # fmt: skip
     figures["machine"] = json_lines(out)[-1]
-
-    # 1. Training, as a user runs it; then without deterministic kernels.
-    config = (
-        ["--config", "configs/tiny.py", "--config.max_iters=10"]
-        if args.smoke
-        else ["--config", "configs/iliad_char.py", "--config.dtype=bfloat16"]
-    )
-    figures["train"], run_config = train_run(py, [*config, "--data", data], args.workdir)
-    save()
-    xla_flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_deterministic_ops=false".strip()
-    figures["train_nondeterministic"], _ = train_run(
-        py,
-        [*config, "--data", data, "--config.max_iters=" + ("10" if args.smoke else "1500")],
-        xla_flags=xla_flags,
-    )
-    figures["deterministic_tokens_per_s_ratio"] = (
-        figures["train"]["tokens_per_s"] / figures["train_nondeterministic"]["tokens_per_s"]
-    )
-    save()
-
-    # 2. Sampling speed of the cached sampler (seed-sized model, random weights).
-    sample_args = (
-        [
-            "--new",
-            "4",
-            "--batch",
-            "1",
-            "--reps",
-            "1",
-            "--positions",
-            "10",
-            "--latency_reps",
-            "1",
-            "--bw_mib",
-            "4",
-            "--naive_batch",
-            "",
-        ]
-        if args.smoke
-        else [
-            "--new",
-            "500",
-            "--batch",
-            "1,16",
-            "--reps",
-            "3",
-            "--naive_batch",
-            "1",
-            "--naive_new",
-            "500",
-            "--weights",
-            "float32,bfloat16,int8",
-        ]
-    )
-    out, _ = run([py, "benchmarks/bench_sample.py", *sample_args])
-    figures["sample"] = {
-        f"{r['sampler']}_{r['weights']}_batch{r['batch']}": r["value"]
-        for r in json_lines(out)
-        if r.get("metric") == "tokens_per_s"
-    }
-    save()
-
-    # 3. The PyTorch reference, where torch is installed.
-    has_torch = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
-    if not os.path.exists(args.torch_reference) or not has_torch:
-        figures["torch_skipped"] = "no torch" if not has_torch else f"no {args.torch_reference}"
-    else:
-        common = (
-            ["--config", "small", "--device", "cpu", "--steps", "2", "--warmup", "1"]
-            if args.smoke
-            else ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--steps", "50", "--warmup", "10"]
-        )
-        variants = {
-            "torch_seed": ["--impl", "seed"],
-            "torch_fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"]),
-        }
-        figures["torch_train"] = {}
-        for name, extra in variants.items():
-            out, _ = run(
-                [py, args.torch_reference, "train", *common, *extra], env=dict(os.environ, ORPHEUS_DATA=data)
-            )
-            figures["torch_train"][name.removeprefix("torch_")] = json_lines(out)[-1]
-            save()
-        figures["torch_sample"] = {}
-        gen = (
-            ["--config", "small", "--device", "cpu", "--new", "8", "--reps", "1"]
-            if args.smoke
-            else ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--new", "500", "--reps", "3"]
-        )
-        for batch in (1, 2) if args.smoke else (1, 16):
-            out, _ = run(
-                [py, args.torch_reference, "generate", *gen, "--batch", str(batch)],
-                env=dict(os.environ, ORPHEUS_DATA=data),
-            )
-            figures["torch_sample"][f"seed_batch{batch}"] = json_lines(out)[-1]["tokens_per_s"]
-            save()
+    steps(args, py, data, figures, save)
     figures.update(compare(figures))
-
-    t = figures["train"]
-    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
-    if args.smoke:
-        print(
-            "# SMOKE RUN: tiny sizes on a CPU, JAX and PyTorch on different configs: "
-            "no figure or goal below means anything"
-        )
-    print(f"# device: {figures['machine']}")
-    print(
-        f"# train.py {run_config['n_layer']}x{run_config['n_head']}x{run_config['n_embd']} {t['dtype']}, "
-        f"{t['steps']} steps: process {t['process_s']:.1f} s (compile {fmt(t['compile_s'], '.1f')} s), "
-        f"training {t['training_s']:.1f} s, {fmt(t['tokens_per_s'], ',.0f')} tok/s (median), MFU "
-        f"{fmt(t['mfu'], '.1%')}, final val loss {fmt(t['final_val_loss'], '.4f')}"
-    )
-    n = figures["train_nondeterministic"]
-    print(
-        f"# train.py without deterministic GPU kernels, {n['steps']} steps: {fmt(n['tokens_per_s'], ',.0f')} tok/s "
-        f"(median); with them / without: {figures['deterministic_tokens_per_s_ratio']:.3f}"
-    )
-    for key, tok_s in figures["sample"].items():
-        print(f"# sampling {key}: {tok_s:,.0f} tok/s")
-    for name, r in figures.get("torch_train", {}).items():
-        print(f"# torch reference train {name}: {r['tokens_per_s']:,.0f} tok/s")
-    for key, tok_s in figures.get("torch_sample", {}).items():
-        print(f"# torch reference sampling {key}: {tok_s:,.0f} tok/s")
-    if "torch_skipped" in figures:
-        print(f"# torch reference skipped: {figures['torch_skipped']}")
-    for key, g in figures["goals"].items():
-        state = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
-        print(
-            f"# goal {key} {'<' if key == 'training_s' else '>='} {g['goal']}: {fmt(g['value'], '.3g')} ({state})"
-        )
+    report(figures, args.smoke)
     print(json.dumps(figures))
     save()
 

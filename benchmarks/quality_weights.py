@@ -23,7 +23,9 @@ from _common import Report
 from orpheus_jax import data
 from orpheus_jax.checkpoint import load_run
 from orpheus_jax.model import forward
-from orpheus_jax.sampler import WEIGHTS, Sampler, cast_weights
+from orpheus_jax.model import decoding_weights
+from orpheus_jax.quantize import WEIGHTS
+from orpheus_jax.sampler import Sampler
 
 
 def val_loss(model_cfg, params, val_tokens, batch_size: int = 32) -> float:
@@ -67,7 +69,7 @@ def main():
         labels = dict(weights=w)
         report.add(
             "val_loss",
-            val_loss(model_cfg, cast_weights(run.params, w), val_tokens),
+            val_loss(model_cfg, decoding_weights(run.params, w), val_tokens),
             "nats",
             labels,
             note="whole val split, windows of block_size",
