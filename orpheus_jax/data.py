@@ -138,10 +138,10 @@ def window_starts(key: jax.Array, n_tokens: int, batch_size: int, block_size: in
     return jax.random.randint(key, (batch_size,), 0, n_tokens - block_size)
 
 
-def sample_windows(data_N: jax.Array, key: jax.Array, batch_size: int, block_size: int) -> jax.Array:
+def sample_windows(tokens_Z: jax.Array, key: jax.Array, batch_size: int, block_size: int) -> jax.Array:
     """window_BW: batch_size random windows of block_size + 1 tokens."""
-    start_B = window_starts(key, data_N.shape[0], batch_size, block_size)
-    return jax.vmap(lambda i: lax.dynamic_slice(data_N, (i,), (block_size + 1,)))(start_B)
+    start_B = window_starts(key, tokens_Z.shape[0], batch_size, block_size)
+    return jax.vmap(lambda i: lax.dynamic_slice(tokens_Z, (i,), (block_size + 1,)))(start_B)
 
 
 def inputs_targets(window_BW: jax.Array):
@@ -150,22 +150,22 @@ def inputs_targets(window_BW: jax.Array):
     return window_BW[:, :-1], window_BW[:, 1:]
 
 
-def sample_batch(data_N: jax.Array, key: jax.Array, batch_size: int, block_size: int):
+def sample_batch(tokens_Z: jax.Array, key: jax.Array, batch_size: int, block_size: int):
     """Random windows of block_size + 1 tokens: (inputs_BT, targets_BT), targets shifted by one."""
-    return inputs_targets(sample_windows(data_N, key, batch_size, block_size))
+    return inputs_targets(sample_windows(tokens_Z, key, batch_size, block_size))
 
 
-def to_device(tokens_N: np.ndarray, mesh) -> jax.Array:
+def to_device(tokens_Z: np.ndarray, mesh) -> jax.Array:
     """The whole split on every device. Each process copies it from its own memory (map): nothing
     goes through the other processes, as jax.device_put's equality check across processes would."""
-    return jax.make_array_from_callback(tokens_N.shape, replicated(mesh), lambda index: tokens_N[index])
+    return jax.make_array_from_callback(tokens_Z.shape, replicated(mesh), lambda index: tokens_Z[index])
 
 
-def place(tokens_N: np.ndarray, mesh, budget_bytes: int, batch_size: int, block_size: int):
+def place(tokens_Z: np.ndarray, mesh, budget_bytes: int, batch_size: int, block_size: int):
     """The split as the steps read it: a device array within the budget, else a HostSplit."""
-    if tokens_N.nbytes <= budget_bytes:
-        return to_device(tokens_N, mesh)
-    return HostSplit(tokens_N, mesh, batch_size, block_size)
+    if tokens_Z.nbytes <= budget_bytes:
+        return to_device(tokens_Z, mesh)
+    return HostSplit(tokens_Z, mesh, batch_size, block_size)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
@@ -197,18 +197,18 @@ class HostSplit:
 
     DRAW_STEPS = 1024  # train steps drawn at once: on a CPU-only host, a draw waits for the device
 
-    def __init__(self, tokens_N: np.memmap, mesh, batch_size: int, block_size: int):
-        self.shape, self.dtype = tokens_N.shape, tokens_N.dtype
-        path, self._offset = _file_offset(tokens_N)
+    def __init__(self, tokens_Z: np.memmap, mesh, batch_size: int, block_size: int):
+        self.shape, self.dtype = tokens_Z.shape, tokens_Z.dtype
+        path, self._offset = _file_offset(tokens_Z)
         self._file = open(path, "rb")
         self._mesh, self._batch_size, self._block_size = mesh, batch_size, block_size
         self._cpu = jax.local_devices(backend="cpu")[0]
-        self._drawn = (0, np.zeros((0, 0, batch_size), np.int32))  # (first step, starts_NGB)
+        self._drawn = (0, np.zeros((0, 0, batch_size), np.int32))  # (first step, starts_MGB)
 
     def train_windows(
         self, key: jax.Array, first_step: int, n_steps: int, grad_accum_steps: int
     ) -> jax.Array:
-        """windows_NGBW of steps first_step .. first_step + n_steps - 1 (key: the run's train key)."""
+        """windows_MGBW of steps first_step .. first_step + n_steps - 1 (key: the run's train key)."""
         first, starts = self._drawn
         if not first <= first_step <= first_step + n_steps <= first + len(starts):
             starts = np.asarray(
@@ -248,11 +248,11 @@ class HostSplit:
         return windows
 
 
-def _file_offset(tokens_N: np.memmap) -> tuple[str, int]:
+def _file_offset(tokens_Z: np.memmap) -> tuple[str, int]:
     """(file, byte offset) of a memory-mapped array or a slice of one (np.memmap keeps the map's own
     offset, not the slice's): its address minus that of the map, mapped from the file's start."""
-    base = tokens_N
+    base = tokens_Z
     while not isinstance(base, mmap.mmap):
         base = base.base
-    map_start = tokens_N.offset - tokens_N.offset % mmap.ALLOCATIONGRANULARITY  # where np.memmap maps from
-    return tokens_N.filename, map_start + tokens_N.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data
+    map_start = tokens_Z.offset - tokens_Z.offset % mmap.ALLOCATIONGRANULARITY  # where np.memmap maps from
+    return tokens_Z.filename, map_start + tokens_Z.ctypes.data - np.frombuffer(base, np.uint8).ctypes.data

@@ -95,7 +95,7 @@ class StopAgreement:
                 (n,), flags, lambda index: np.full(len(range(n)[index[0]]), value, np.int32)
             )
             self._cache = {}
-            self._reduce = jax.jit(lambda flags_N: flags_N.max(), out_shardings=replicated(mesh))
+            self._reduce = jax.jit(lambda per_device: per_device.max(), out_shardings=replicated(mesh))
 
     def poll(self) -> bool:
         """Share this process's request; true once any process's request has been agreed on."""
