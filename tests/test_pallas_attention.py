@@ -1,4 +1,4 @@
-"""orpheus_jax.pallas_attention against the model's own attention (model._attend_block over all keys, with
+"""orpheus_jax.pallas_attention against the model's own attention (attention.attend_block over all keys, with
 the hash dropout of model.hash_bits), forward and gradients, in interpret mode on CPU; its CUDA lowering
 (Triton custom calls) without a GPU; and, where there is a GPU, the compiled Triton kernels."""
 
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from orpheus_jax import model
+from orpheus_jax import attention, model
 from orpheus_jax.pallas_attention import flash_attention
 
 SEED = np.array([0x12345678, 0x9ABCDEF0], np.uint32)
@@ -20,7 +20,7 @@ SEED = np.array([0x12345678, 0x9ABCDEF0], np.uint32)
 
 def reference(q_NTK, k_NTK, v_NTK, seed_2, scale, rate, dtype="float32"):
     """The model's training attention (CausalSelfAttention with kv=None), float32 by default: one
-    _attend_block over all keys, dropout mask hash_bits((N, T, T), seed) >= round(rate * 2**32)."""
+    attend_block over all keys, dropout mask hash_bits((N, T, T), seed) >= round(rate * 2**32)."""
     N, T, K = q_NTK.shape
     pos_T = jnp.arange(T)
     start = (jnp.full((N, T), -jnp.inf), jnp.zeros((N, T)), jnp.zeros((N, T, K)))
@@ -28,7 +28,7 @@ def reference(q_NTK, k_NTK, v_NTK, seed_2, scale, rate, dtype="float32"):
     if rate > 0:
         keep_NTS = model.hash_bits((N, T, T), seed_2) >= jnp.uint32(round(rate * 2**32))
         drop = lambda p: jnp.where(keep_NTS, p / (1.0 - rate), 0).astype(p.dtype)
-    m_NT, l_NT, o_NTK = model._attend_block(q_NTK, k_NTK, v_NTK, pos_T, pos_T, scale, dtype, start, drop)
+    m_NT, l_NT, o_NTK = attention.attend_block(q_NTK, k_NTK, v_NTK, pos_T, pos_T, scale, dtype, start, drop)
     return (o_NTK / l_NT[..., None]).astype(dtype)
 
 
