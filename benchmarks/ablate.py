@@ -16,10 +16,10 @@ makes a step dearer (Muon's orthogonalization, the average of EMA) gets fewer st
 
 The schedule ends at the budget. A time cap (stopping a run when the budget runs out) would cut the
 cosine short, unevenly across options, and compare unannealed weights; instead a timing run of
-`--timing_steps` steps per option measures its steps per second, and the timed runs get
-max_iters = budget x that rate, with the preset's warmup fraction and `--evals` evaluations evenly
-spaced. What each run really spent is printed beside it (`train_s`), so a machine that got busier or
-quieter in between shows.
+`--timing_steps` steps per option measures its steps per second (the median of its later log
+windows), and the timed runs get max_iters = budget x that rate, with the preset's warmup fraction
+and `--evals` evaluations evenly spaced. What each run really spent is printed beside it (`train_s`),
+so a machine that got busier or quieter in between shows.
 
 Caches: all runs share one `ORPHEUS_CACHE` (`--cache DIR`, default a fresh temporary directory), so
 the timing runs start cold and fill it (token file, eval step, sampler programs) and the timed runs
@@ -179,17 +179,18 @@ def resolve(args, keys: dict, max_iters: int) -> dict:
 
 
 def steps_per_second(args, keys: dict, label: str, scratch: str) -> float:
-    """The option's training steps per second, from a short run: steps over seconds of its log windows,
-    the first (the start's warm-up, the first sample compiling beside it) left out."""
+    """The option's training steps per second, from a short run: the median of its log windows' rates
+    over the last two thirds (in the first, the evaluation at step 0 compiles and runs the sampler
+    beside training)."""
     workdir = os.path.join(scratch, f"timing-{label}")
-    n = max(2 * LOG_INTERVAL, args.timing_steps // LOG_INTERVAL * LOG_INTERVAL)
+    n = max(3 * LOG_INTERVAL, args.timing_steps // LOG_INTERVAL * LOG_INTERVAL)
     timing = dict(
         max_iters=n, eval_interval=n, checkpoint_interval=n, eval_iters=1, log_interval=LOG_INTERVAL
     )
     launch(workdir, {**resolve(args, keys, n), **timing}, args.set, args.cache, f"timing {label}")
-    windows = train_windows(workdir)[1:]
+    windows = train_windows(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
-    return sum(steps for _, steps, _ in windows) / sum(seconds for _, _, seconds in windows)
+    return statistics.median(steps / seconds for _, steps, seconds in windows[len(windows) // 3 :])
 
 
 def schedule(args, rate: float) -> dict:
