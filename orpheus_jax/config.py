@@ -38,7 +38,8 @@ REQUIRED_KEYS = POSITIVE_INTS + NON_NEGATIVE_INTS + BOOLS + NUMBERS + tuple(CHOI
 
 # Keys that fix the model a checkpoint holds: its parameters' shapes and the function they compute.
 MODEL_KEYS = (
-    "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pos_encoding", "mlp_activation", "qk_norm",
+    "vocab_size", "n_layer", "n_head", "n_embd", "block_size", "pos_encoding", "attn_scale", "mlp_activation",
+    "qk_norm",
 )  # fmt: skip
 # What a run saved before a key existed did; any other missing key means the seed recipe's value.
 OLD_RUN_DEFAULTS = {"dropout_rng": "jax", "ema_decay": 0.0, "optimizer": "adamw"}

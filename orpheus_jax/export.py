@@ -14,6 +14,13 @@ step:     input int64 [batch_size, 1], position int64 [] (where input goes), pas
 
 L = block_size: like the sampler, the key/value buffers hold block_size positions; sequence_length
 and position + 1 must not exceed it. Each file's metadata holds the vocabulary (JSON) and sizes.
+
+The model options: relu2 is Relu then Mul, gelu the exact 0.5 x (1 + Erf(x / sqrt 2)) (opset 17 has
+no Gelu); qk_norm multiplies queries and keys by 1 / Sqrt(ReduceMean(x * x) + 1e-6); rope rotates them
+with cos and sin tables of the buffer's positions gathered by position (as the sinusoidal table is),
+and the step graph's buffers hold the rotated keys, as the sampler's do. token_embedding, attention
+and dtype change how JAX computes, not what: the graphs are the same (float32). A value `EXPRESSIBLE`
+does not list is refused with OrpheusError (one line) before anything is written.
 """
 
 import json
@@ -25,9 +32,26 @@ from onnx import TensorProto, helper, numpy_helper
 
 from orpheus_jax import OrpheusError
 from orpheus_jax.fileio import os_reason
-from orpheus_jax.model import GPTConfig, sinusoidal_positions
+from orpheus_jax.model import GPTConfig, rope_tables, sinusoidal_positions
 
 OPSET = 17  # LayerNormalization
+# What the graphs below can express, per config key that changes the function.
+EXPRESSIBLE = {
+    "pos_encoding": ("learned", "sinusoidal", "rope"),
+    "attn_scale": ("head", "embd"),
+    "mlp_activation": ("relu", "relu2", "gelu"),
+    "qk_norm": (False, True),
+}
+
+
+def check_expressible(c: GPTConfig) -> None:
+    """Raise OrpheusError if the run's model has an option these graphs cannot express."""
+    for key, allowed in EXPRESSIBLE.items():
+        value = getattr(c, key)
+        if value not in allowed:
+            raise OrpheusError(
+                f"the ONNX export cannot express {key}={value!r} (it can: {', '.join(map(str, allowed))})"
+            )
 
 
 class _Graph:
@@ -62,14 +86,48 @@ class _Graph:
             "LayerNormalization", x, self.const(p["scale"]), self.const(p["bias"]), axis=-1, epsilon=1e-5
         )
 
+    def last_axis(self, x, start: int, end: int) -> str:
+        """x[..., start:end]."""
+        ints = lambda v: self.const(np.array([v], np.int64))
+        return self.op("Slice", x, ints(start), ints(end), ints(-1))
+
+    def rms_norm(self, x) -> str:
+        """model.rms_norm: x / sqrt(mean(x * x) + 1e-6) over the last axis (QK-norm)."""
+        mean_square = self.op("ReduceMean", self.op("Mul", x, x), axes=[-1], keepdims=1)
+        inverse = self.op(
+            "Reciprocal", self.op("Sqrt", self.op("Add", mean_square, self.const(np.float32(1e-6))))
+        )
+        return self.op("Mul", x, inverse)
+
+    def rope(self, x_BHTK, cos_TI, sin_TI, head_size: int) -> str:
+        """model.rope on [B, H, T, K]: the halves (x1, x2) become (x1 cos - x2 sin, x1 sin + x2 cos)."""
+        half = head_size // 2
+        x1, x2 = self.last_axis(x_BHTK, 0, half), self.last_axis(x_BHTK, half, head_size)
+        first = self.op("Sub", self.op("Mul", x1, cos_TI), self.op("Mul", x2, sin_TI))
+        second = self.op("Add", self.op("Mul", x1, sin_TI), self.op("Mul", x2, cos_TI))
+        return self.op("Concat", first, second, axis=-1)
+
+    def activation(self, name: str, x) -> str:
+        """model.activation: relu, relu2 (relu squared) or the exact gelu, x * Phi(x)."""
+        if name == "gelu":
+            erf = self.op("Erf", self.op("Mul", x, self.const(np.float32(2**-0.5))))
+            return self.op(
+                "Mul",
+                self.op("Mul", x, self.const(np.float32(0.5))),
+                self.op("Add", erf, self.const(np.float32(1))),
+            )
+        relu = self.op("Relu", x)
+        return self.op("Mul", relu, relu) if name == "relu2" else relu
+
 
 def _f32(params):
     return {k: _f32(v) if isinstance(v, dict) else np.asarray(v, np.float32) for k, v in params.items()}
 
 
-def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
-    """One transformer block. write(name, new_BHTK) -> buffer_BHLK puts this chunk's keys or values
-    into the layer's buffer (cached graphs) and names it; without it, attention stays within the chunk."""
+def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, rope_TI=None, write=None):
+    """One transformer block. rope_TI: the (cos, sin) tables at the chunk's positions, with rope.
+    write(name, new_BHTK) -> buffer_BHLK puts this chunk's keys or values into the layer's buffer
+    (cached graphs) and names it; without it, attention stays within the chunk."""
     H, K, D = c.n_head, c.head_size, c.n_embd
     h_BTD = g.layer_norm(x_BTD, p["ln1"])
     heads = {}
@@ -80,6 +138,11 @@ def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
             g.const(np.array([0, 0, H, K], np.int64)),
         )
         heads[name] = g.op("Transpose", y_BTHK, perm=[0, 2, 1, 3])  # B, H, T, K
+    for name in ("query", "key"):  # as model.py: QK-norm, then the rotation
+        if c.qk_norm:
+            heads[name] = g.rms_norm(heads[name])
+        if rope_TI is not None:
+            heads[name] = g.rope(heads[name], *rope_TI, K)
     k_BHSK, v_BHSK = heads["key"], heads["value"]
     if write is not None:
         k_BHSK, v_BHSK = write("key", k_BHSK), write("value", v_BHSK)
@@ -104,20 +167,22 @@ def _block(g: _Graph, c: GPTConfig, p, x_BTD, pos_T, pos_S, write=None):
     x_BTD = g.op(
         "Add", x_BTD, g.dense(out_BTD, p["attn"]["proj"], p["attn"]["proj"]["kernel"].reshape(H * K, D))
     )
-    h_BTF = g.op("Relu", g.dense(g.layer_norm(x_BTD, p["ln2"]), p["mlp"]["fc"]))
+    h_BTF = g.activation(c.mlp_activation, g.dense(g.layer_norm(x_BTD, p["ln2"]), p["mlp"]["fc"]))
     return g.op("Add", x_BTD, g.dense(h_BTF, p["mlp"]["out"]))
 
 
-def _embed(g: _Graph, c: GPTConfig, params, input_BT, pos_T) -> str:
+def _embed(g: _Graph, c: GPTConfig, params, input_BT, pos_T) -> tuple[str, tuple | None]:
+    """The embedded chunk, and rope's (cos, sin) at its positions (None without rope)."""
+    x_BTD = g.op("Gather", g.const(params["wte"]["embedding"]), input_BT)
+    positions_L = jnp.arange(c.block_size)  # the positions a buffer can hold
+    if c.pos_encoding == "rope":
+        tables = (np.asarray(t, np.float32) for t in rope_tables(positions_L, c.head_size))
+        return x_BTD, tuple(g.op("Gather", g.const(table_LI), pos_T) for table_LI in tables)
     if c.pos_encoding == "learned":
         table_LD = params["wpe"]["embedding"]
-    else:  # the same table model.py computes, for the positions a buffer can hold
-        table_LD = np.asarray(sinusoidal_positions(jnp.arange(c.block_size), c.n_embd), np.float32)
-    return g.op(
-        "Add",
-        g.op("Gather", g.const(params["wte"]["embedding"]), input_BT),
-        g.op("Gather", g.const(table_LD), pos_T),
-    )
+    else:  # the same table model.py computes
+        table_LD = np.asarray(sinusoidal_positions(positions_L, c.n_embd), np.float32)
+    return g.op("Add", x_BTD, g.op("Gather", g.const(table_LD), pos_T)), None
 
 
 def _model(g, name, graph_inputs, outputs, metadata) -> onnx.ModelProto:
@@ -143,12 +208,13 @@ def _metadata(c: GPTConfig, chars: str) -> dict:
 
 def forward_model(c: GPTConfig, params, chars: str) -> onnx.ModelProto:
     """The seed's export: logits for every position of every row."""
+    check_expressible(c)
     g, params = _Graph(), _f32(params)
     seq_len = g.op("Gather", g.op("Shape", "input"), g.const(np.int64(1)))
     pos_T = g.op("Range", g.const(np.int64(0)), seq_len, g.const(np.int64(1)))
-    x_BTD = _embed(g, c, params, "input", pos_T)
+    x_BTD, rope_TI = _embed(g, c, params, "input", pos_T)
     for i in range(c.n_layer):
-        x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_T)
+        x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_T, rope_TI)
     g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"], out="output")
     tokens = helper.make_tensor_value_info("input", TensorProto.INT64, ["batch_size", "sequence_length"])
     out = helper.make_tensor_value_info(
@@ -159,6 +225,7 @@ def forward_model(c: GPTConfig, params, chars: str) -> onnx.ModelProto:
 
 def decode_model(c: GPTConfig, params, chars: str, *, step: bool) -> onnx.ModelProto:
     """prefill (step=False): a prompt into empty buffers; step: one token at `position`, given the buffers."""
+    check_expressible(c)
     g, params = _Graph(), _f32(params)
     H, L, K = c.n_head, c.block_size, c.head_size
     buffer_shape = ["batch_size", H, L, K]
@@ -190,7 +257,7 @@ def decode_model(c: GPTConfig, params, chars: str, *, step: bool) -> onnx.ModelP
     if step:
         graph_inputs.append(helper.make_tensor_value_info("position", TensorProto.INT64, []))
     outputs, at = [], {}
-    x_BTD = _embed(g, c, params, "input", pos_T)
+    x_BTD, rope_TI = _embed(g, c, params, "input", pos_T)
     for i in range(c.n_layer):
 
         def write(name, new_BHTK, i=i):
@@ -211,7 +278,7 @@ def decode_model(c: GPTConfig, params, chars: str, *, step: bool) -> onnx.ModelP
                 "ScatterElements", past, at["index_BHTK"], new_BHTK, axis=2, out=f"present.{i}.{name}"
             )
 
-        x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_S, write)
+        x_BTD = _block(g, c, params[f"block_{i}"], x_BTD, pos_T, pos_S, rope_TI, write)
     g.dense(g.layer_norm(x_BTD, params["ln_f"]), params["lm_head"], out="logits")
     outputs.insert(
         0,

@@ -83,13 +83,19 @@ def sinusoidal_positions(pos_T: jax.Array, dim: int) -> jax.Array:
     return jnp.stack([jnp.sin(angle_TI), jnp.cos(angle_TI)], axis=-1).reshape(pos_T.shape[0], dim)[:, :dim]
 
 
+def rope_tables(pos_T: jax.Array, head_size: int) -> tuple[jax.Array, jax.Array]:
+    """cos and sin (float32, [T, head_size // 2]) of rope's angles p / 10000^(2i/K) at positions pos_T."""
+    inv_freq_I = 1.0 / (10000.0 ** (np.arange(head_size // 2) * 2 / head_size))
+    angle_TI = pos_T[:, None].astype(jnp.float32) * inv_freq_I[None, :]
+    return jnp.cos(angle_TI), jnp.sin(angle_TI)
+
+
 def rope(x_BTHK: jax.Array, pos_T: jax.Array) -> jax.Array:
     """Rotary position embedding: the head's two halves, (x1, x2) at position p, rotated by the angle
     p / 10000^(2i/K) in each plane i, so that q . k depends on the positions only through their difference."""
     half = x_BTHK.shape[-1] // 2
-    inv_freq_I = 1.0 / (10000.0 ** (np.arange(half) * 2 / x_BTHK.shape[-1]))
-    angle_TI = pos_T[:, None].astype(jnp.float32) * inv_freq_I[None, :]
-    cos, sin = jnp.cos(angle_TI)[:, None, :], jnp.sin(angle_TI)[:, None, :]  # broadcast over heads
+    cos_TI, sin_TI = rope_tables(pos_T, x_BTHK.shape[-1])
+    cos, sin = cos_TI[:, None, :], sin_TI[:, None, :]  # broadcast over heads
     x1, x2 = x_BTHK[..., :half].astype(jnp.float32), x_BTHK[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x_BTHK.dtype)
 
@@ -333,7 +339,7 @@ def forward(config: GPTConfig, params, tokens_BT, rng=None, deterministic: bool 
 
 
 def forward_cached(config: GPTConfig, params, tokens_BT, cache: KVBuffers, start):
-    """Logits for a chunk of tokens at positions start.., attending to the buffers; returns (logits, buffers)."""
+    """Logits for a chunk of tokens at positions start.., attending to the buffers: (logits, buffers)."""
     return GPT(config).apply({"params": params}, tokens_BT, start=start, cache=cache, deterministic=True)
 
 

@@ -3,7 +3,7 @@ the model's counter-hash attention dropout regenerated per block, so no T x T ma
 
     out_NTK = flash_attention(q_NTK, k_NTK, v_NTK, seed_2, scale=..., dropout_rate=..., n_offset=...)
 
-equals model.py's attention (`_attend_block` over all keys, Dropout with rng="hash") for the same seed:
+equals the model's attention (`attention.attend_block` over all keys, hash Dropout) for the same seed:
 with p_NTS = exp(scores - row max), the weights are where(keep, p / (1 - rate), 0) over the sum of the
 undropped p, keep[n, t, s] = hash_bits((N, T, T), seed_2)[n + n_offset, t, s] >= round(rate * 2**32).
 

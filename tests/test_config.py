@@ -79,8 +79,18 @@ def test_model_mismatch_lists_the_differences():
     other = tiny.get_config()
     assert model_mismatch(saved, other, 66) == ""
     other.n_embd, other.mlp_activation = 64, "relu2"
-    assert model_mismatch(saved, other, 65) == "vocab_size 66 vs 65, n_embd 32 vs 64, mlp_activation relu vs relu2"
-    other.n_embd, other.mlp_activation, other.dropout, other.learning_rate = 32, "relu", 0.0, 1.0  # not the model
+    assert (
+        model_mismatch(saved, other, 65)
+        == "vocab_size 66 vs 65, n_embd 32 vs 64, mlp_activation relu vs relu2"
+    )
+    other.n_embd, other.mlp_activation = 32, "relu"
+    # The same shapes, another function: a resumed run would silently train a different model.
+    for key, value in (("attn_scale", "embd"), ("qk_norm", True)):
+        changed = other.copy_and_resolve_references()
+        changed[key] = value
+        assert model_mismatch(saved, changed, 66) == f"{key} {saved[key]} vs {value}"
+    other.dropout, other.learning_rate, other.zero_init_proj, other.token_embedding = 0.0, 1.0, True, "gather"
+    other.attention, other.dtype = "fused", "bfloat16"  # how the model is computed or initialized: not it
     assert model_mismatch(saved, other, 66) == ""
 
 

@@ -1,6 +1,7 @@
 """ONNX export: onnxruntime against JAX's model.forward and cached logits, the seed's file format,
 and greedy text from ONNX Runtime alone against sample.py's."""
 
+import dataclasses
 import json
 import os
 
@@ -23,26 +24,31 @@ def session(model):
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def model_and_params(pos_encoding, attn_scale):
-    c = GPTConfig(
-        vocab_size=len(CHARS),
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        pos_encoding=pos_encoding,
-        attn_scale=attn_scale,
-    )
+def model_and_params(**options):
+    c = GPTConfig(vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=32, block_size=16, **options)
     # Larger than init weights: logits of a few units, so 1e-4 is a real bound.
     return c, jax.tree.map(lambda a: a * 4, init_params(c, jax.random.key(0)))
 
 
-VARIANTS = [("learned", "embd"), ("learned", "head"), ("sinusoidal", "head"), ("sinusoidal", "embd")]
+VARIANTS = {
+    "learned/embd": dict(pos_encoding="learned", attn_scale="embd"),
+    "learned/head": dict(pos_encoding="learned", attn_scale="head"),
+    "sinusoidal/head": dict(pos_encoding="sinusoidal", attn_scale="head"),
+    "sinusoidal/embd": dict(pos_encoding="sinusoidal", attn_scale="embd"),
+    "relu2": dict(mlp_activation="relu2"),
+    "gelu": dict(mlp_activation="gelu"),
+    "qk_norm": dict(qk_norm=True),
+    "rope": dict(pos_encoding="rope"),
+    "rope+qk_norm+gelu/embd": dict(
+        pos_encoding="rope", qk_norm=True, mlp_activation="gelu", attn_scale="embd"
+    ),
+}
+DECODE_VARIANTS = [name for name in VARIANTS if name != "sinusoidal/embd"]
 
 
-@pytest.mark.parametrize("pos_encoding, attn_scale", VARIANTS)
-def test_forward_graph_matches_jax(pos_encoding, attn_scale):
-    c, params = model_and_params(pos_encoding, attn_scale)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_graph_matches_jax(variant):
+    c, params = model_and_params(**VARIANTS[variant])
     sess = session(forward_model(c, params, CHARS))
     rng = np.random.default_rng(0)
     for batch, length in ((1, 1), (2, 7), (3, 16), (5, 13)):
@@ -51,16 +57,16 @@ def test_forward_graph_matches_jax(pos_encoding, attn_scale):
         want = np.asarray(forward(c, params, tokens.astype(np.int32)))
         diff = np.abs(got - want).max()
         print(
-            f"{pos_encoding}/{attn_scale} batch {batch} x {length}: max |onnxruntime - jax| = {diff:.2e} "
+            f"{variant} batch {batch} x {length}: max |onnxruntime - jax| = {diff:.2e} "
             f"(logits up to {np.abs(want).max():.1f})"
         )
         assert got.shape == (batch, length, c.vocab_size) and got.dtype == np.float32
         assert diff < 1e-4
 
 
-@pytest.mark.parametrize("pos_encoding, attn_scale", VARIANTS[:3])
-def test_prefill_and_step_match_jax(pos_encoding, attn_scale):
-    c, params = model_and_params(pos_encoding, attn_scale)
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
+def test_prefill_and_step_match_jax(variant):
+    c, params = model_and_params(**VARIANTS[variant])
     prefill, step = (
         session(decode_model(c, params, CHARS, step=False)),
         session(decode_model(c, params, CHARS, step=True)),
@@ -78,10 +84,31 @@ def test_prefill_and_step_match_jax(pos_encoding, attn_scale):
             {"input": tokens[:, t : t + 1], "position": np.array(t, np.int64), **dict(zip(past_names, kv))},
         )
         np.testing.assert_allclose(logits[:, 0], full[:, t], atol=1e-4, rtol=0)
-    # The buffers are the sampler's cache, laid out (B, H, L, K) instead of (B * H, L, K).
+    # The buffers are the sampler's cache (with rope: the rotated keys), laid out (B, H, L, K) instead of
+    # (B * H, L, K).
     _, cache = forward_cached(c, params, tokens.astype(np.int32), empty_buffers(c, B), 0)
     for got, want in zip(kv, [x for layer in cache for x in layer]):
         np.testing.assert_allclose(got, np.asarray(want).reshape(got.shape), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "option", [dict(mlp_activation="swiglu"), dict(pos_encoding="alibi"), dict(attn_scale="none")]
+)
+def test_an_option_the_graphs_cannot_express_is_refused_in_one_line(option):
+    from orpheus_jax import OrpheusError
+
+    c, params = model_and_params()
+    c = dataclasses.replace(c, **option)
+    ((key, value),) = option.items()
+    for build in (
+        forward_model,
+        lambda *a: decode_model(*a, step=False),
+        lambda *a: decode_model(*a, step=True),
+    ):
+        with pytest.raises(OrpheusError) as error:
+            build(c, params, CHARS)
+        message = str(error.value)
+        assert "\n" not in message and f"{key}={value!r}" in message and "ONNX" in message
 
 
 @pytest.mark.slow
@@ -133,8 +160,26 @@ def seed_run(tmp_path_factory, iliad_path):
     return workdir
 
 
+@pytest.fixture(scope="module")
+def options_run(small_text_path, tmp_path_factory) -> str:
+    """conftest's tiny_run with rope, QK-norm, GELU and an average of the weights (which load_run, so
+    sample.py and the export, use): 100 steps at a high rate, so that its greedy text is not one loop."""
+    from configs import tiny
+    from orpheus_jax.train import train
+
+    cfg = tiny.get_config()
+    cfg.update(
+        max_iters=100, learning_rate=1e-2, min_lr=1e-3, steps_per_call=10, eval_interval=100,
+        checkpoint_interval=100, log_interval=50, cpu_dots="xla", pos_encoding="rope", qk_norm=True,
+        mlp_activation="gelu", ema_decay=0.9,
+    )  # fmt: skip
+    workdir = str(tmp_path_factory.mktemp("options_run") / "run")
+    train(cfg, workdir, small_text_path)
+    return workdir
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["tiny_run", "seed_run"])
+@pytest.mark.parametrize("which", ["tiny_run", "seed_run", "options_run"])
 def test_greedy_text_from_onnx_runtime_equals_sample_py(which, request, tmp_path, iliad_path):
     workdir = request.getfixturevalue(which)
     path = str(tmp_path / "m.onnx")

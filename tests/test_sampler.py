@@ -1,12 +1,11 @@
 import dataclasses
+import functools
 import re
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
-from numpy_reference import numpy_forward
 
 from orpheus_jax.model import GPTConfig, decoding_weights, empty_buffers, forward, forward_cached, init_params
 from orpheus_jax.sampler import Sampler, filter_logits, sample_tokens
@@ -15,17 +14,38 @@ CFG = GPTConfig(vocab_size=13, n_layer=2, n_head=2, n_embd=32, block_size=16, dr
 BLOCKED = dataclasses.replace(CFG, kv_block=4)  # cached attention in 4 blocks of the 16-position buffer
 
 
+# The model options the cached path meets (zero_init_proj changes only the initial weights).
+OPTIONS = {
+    "relu2": dict(mlp_activation="relu2"),
+    "gelu": dict(mlp_activation="gelu"),
+    "qk_norm": dict(qk_norm=True),
+    "rope": dict(pos_encoding="rope"),
+    "sinusoidal": dict(pos_encoding="sinusoidal"),
+    "rope+qk_norm+relu2": dict(pos_encoding="rope", qk_norm=True, mlp_activation="relu2"),
+    "gather": dict(token_embedding="gather"),
+    "fused": dict(attention="fused"),  # the full pass through jax.nn.dot_product_attention
+}
+
+
+@functools.cache
+def scaled_params(cfg):
+    """Larger than init weights: peaked, clearly ordered logits (no near-ties for greedy decoding)."""
+    return jax.tree.map(lambda a: a * 4, init_params(cfg, jax.random.key(0)))
+
+
 @pytest.fixture(scope="module")
 def params():
-    # Larger than init weights: peaked, clearly ordered logits (no near-ties for greedy decoding).
-    return jax.tree.map(lambda a: a * 4, init_params(CFG, jax.random.key(0)))
+    return scaled_params(CFG)
 
 
 @pytest.mark.parametrize(
-    "cfg, weights", [(CFG, "float32"), (BLOCKED, "float32"), (BLOCKED, "bfloat16"), (BLOCKED, "int8")]
+    "cfg, weights",
+    [(CFG, "float32"), (BLOCKED, "float32"), (BLOCKED, "bfloat16"), (BLOCKED, "int8")]
+    + [(dataclasses.replace(BLOCKED, **options), "float32") for options in OPTIONS.values()],
+    ids=["seed", "blocked", "blocked-bfloat16", "blocked-int8", *OPTIONS],
 )
-def test_cached_logits_equal_full_forward_at_every_position(params, cfg, weights):
-    params = decoding_weights(params, weights)
+def test_cached_logits_equal_full_forward_at_every_position(cfg, weights):
+    params = decoding_weights(scaled_params(cfg), weights)
     rng = np.random.default_rng(0)
     for batch, prompt_len in ((2, 1), (2, 5), (1, 11)):  # batch 1: one-row products (see model.Dense)
         tokens = rng.integers(0, cfg.vocab_size, (batch, cfg.block_size)).astype(np.int32)
@@ -46,31 +66,65 @@ def test_cached_attention_reads_only_the_filled_blocks(params):
     """Buffer positions past the last query's block must not be read: fill them with NaN."""
     tokens = jnp.asarray(np.random.default_rng(2).integers(0, CFG.vocab_size, (1, 6)), jnp.int32)
     full = np.asarray(forward(BLOCKED, params, tokens))
-    poisoned = tuple((k.at[:, 8:].set(jnp.nan), v.at[:, 8:].set(jnp.nan)) for k, v in empty_buffers(BLOCKED, 1))
+    poisoned = tuple(
+        (k.at[:, 8:].set(jnp.nan), v.at[:, 8:].set(jnp.nan)) for k, v in empty_buffers(BLOCKED, 1)
+    )
     logits, _ = forward_cached(BLOCKED, params, tokens, poisoned, 0)  # positions 0-5: blocks 0 and 1
     np.testing.assert_allclose(np.asarray(logits), full, atol=1e-5, rtol=0)
 
 
-def test_blockwise_prefill_and_refill_equal_the_full_pass(params):
+@pytest.mark.parametrize("pos_encoding", ["learned", "rope"])
+def test_blockwise_prefill_and_refill_equal_the_full_pass(pos_encoding):
     """The prompt is run block by block (kv_block 4 here), as many blocks as it fills: the next-token
     logits must be the full pass's at the prompt's last position, whether it ends inside a block or
-    on a block boundary; a refill keeps the last block_size - shift tokens, at positions 0 onwards."""
-    tokens = np.random.default_rng(3).integers(0, CFG.vocab_size, (1, CFG.block_size)).astype(np.int32)
-    full = np.asarray(forward(BLOCKED, params, jnp.asarray(tokens)))
+    on a block boundary; a refill keeps the last block_size - shift tokens, at positions 0 onwards
+    (with rope their keys are rotated anew, for their new positions)."""
+    cfg = dataclasses.replace(BLOCKED, pos_encoding=pos_encoding)
+    params = scaled_params(cfg)
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, (1, cfg.block_size)).astype(np.int32)
+    full = np.asarray(forward(cfg, params, jnp.asarray(tokens)))
     shift = 6
-    kept = BLOCKED.block_size - shift  # 10 tokens, in 3 blocks
-    sampler = Sampler(BLOCKED, params, batch_size=1, chunk=4, shift=shift)
+    kept = cfg.block_size - shift  # 10 tokens, in 3 blocks
+    sampler = Sampler(cfg, params, batch_size=1, chunk=4, shift=shift)
     for prompt_len in (1, 3, 4, 5, 8, 13, 16):
         state, length = sampler.start(tokens[0, :prompt_len])
         assert length == prompt_len
         np.testing.assert_allclose(np.asarray(state.logits_BV)[0], full[0, prompt_len - 1], atol=1e-5, rtol=0)
+    before = [np.asarray(k) for k, _ in state.cache]
     state, _ = sampler.refill(state)  # the buffer is full after the last prompt
     one_pass = jnp.asarray(np.pad(tokens[:, shift:], ((0, 0), (0, shift))))
-    cache_ref = forward_cached(BLOCKED, params, one_pass, empty_buffers(BLOCKED, 1), 0)[1]
-    for (k, v), (k_ref, v_ref) in zip(state.cache, cache_ref):
+    cache_ref = forward_cached(cfg, params, one_pass, empty_buffers(cfg, 1), 0)[1]
+    for (k, v), (k_ref, v_ref), k_before in zip(state.cache, cache_ref, before):
         np.testing.assert_allclose(np.asarray(k)[:, :kept], np.asarray(k_ref)[:, :kept], atol=1e-5, rtol=0)
         np.testing.assert_allclose(np.asarray(v)[:, :kept], np.asarray(v_ref)[:, :kept], atol=1e-5, rtol=0)
+        # The keys are not merely moved: a key depends on its position (through rope, or the learned
+        # table added before the first layer's projection).
+        assert np.abs(np.asarray(k)[:, :kept] - k_before[:, shift:]).max() > 1e-2
     assert int(state.length) == kept
+
+
+@pytest.mark.parametrize("options", ["rope", "rope+qk_norm+relu2"])
+def test_decoding_after_a_refill_equals_the_full_pass_of_the_kept_window(options):
+    """After a refill the buffer holds the kept tokens at positions 0 onwards, where they stood at
+    positions shift onwards before: each later token's logits are the full pass's over the window of
+    tokens in the buffer (its positions from 0), at every step until the buffer is full again."""
+    cfg = dataclasses.replace(BLOCKED, **OPTIONS[options])
+    params, shift = scaled_params(cfg), 5
+    sampler = Sampler(cfg, params, batch_size=2, chunk=4, shift=shift)
+    prompt = np.random.default_rng(4).integers(0, cfg.vocab_size, cfg.block_size)
+    state, length = sampler.start(prompt, rows=[0, 1])
+    state, length = sampler.refill(state)
+    assert length == cfg.block_size - shift
+    logits = []
+    for _ in range(shift):
+        state, _ = sampler.decode(state, 1, temperature=1.0)  # the rows draw different tokens
+        logits.append(np.asarray(state.logits_BV))
+    window = np.asarray(state.window_BL)  # full again: the kept tokens, then the drawn ones
+    np.testing.assert_array_equal(window[:, :length], np.tile(prompt[shift:], (2, 1)))
+    assert not np.array_equal(window[0, length:], window[1, length:])
+    # The full pass is causal: its logits at position t are those of the window cut after t.
+    full = np.asarray(forward(cfg, params, jnp.asarray(window)))
+    np.testing.assert_allclose(np.stack(logits, axis=1), full[:, length:], atol=1e-5, rtol=0)
 
 
 def naive_greedy(params, prompt, n_new, cfg=CFG):
