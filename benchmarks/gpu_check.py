@@ -124,34 +124,40 @@ def compare(figures: dict) -> dict:
 
 
 def steps(args, py: str, data: str, figures: dict, save) -> None:
-    """Each measurement in turn, saving the figures after each."""
+    """Each measurement in turn, most wanted first (a lease may end early), saving the figures after each."""
     smoke = args.smoke
     base = ["--config", "tiny", "--config.max_iters=10"] if smoke else ["--config", "iliad_char", "--config.dtype=bfloat16"]
     base += ["--data", data]
-    short = ["--config.max_iters=" + ("6" if smoke else str(args.variant_steps))]
     figures["train"] = train_run(py, base)
     save()
-    flags = os.environ.get("XLA_FLAGS", "")
-    variants = {
-        "gather_deterministic": (["--config.token_embedding=gather"], f"{flags} --xla_gpu_deterministic_ops=true"),
-        "gather": (["--config.token_embedding=gather"], None),
-        "pallas": (["--config.attention=pallas"], None),
-    }
-    figures["variants"] = {}
-    for name, (extra, xla_flags) in variants.items():
-        if smoke and name == "pallas":
-            continue  # the interpreter on a CPU: minutes, and tested elsewhere
-        figures["variants"][name] = train_run(py, base + short + extra, xla_flags.strip() if xla_flags else None)
-        save()
+    torch_reference(args, py, data, figures, save, ["fused_compiled"])
     if args.options:
         figures["options"] = dict(args=args.options.split(), **train_run(py, base + args.options.split()))
         save()
     exactness(args, py, data, figures)
     save()
+    variants(args, py, base, figures, save)
     out, _ = run([py, "benchmarks/bench_sample.py", *sample_args(smoke)])
     figures["sample"] = [r for r in json_lines(out) if r.get("metric") == "tokens_per_s"]
     save()
-    torch_reference(args, py, data, figures, save)
+    torch_reference(args, py, data, figures, save, ["seed"])
+
+
+def variants(args, py: str, base: list[str], figures: dict, save) -> None:
+    """Shorter runs of the lookup embedding with and without deterministic kernels, and of Pallas."""
+    short = ["--config.max_iters=" + ("6" if args.smoke else str(args.variant_steps))]
+    flags = os.environ.get("XLA_FLAGS", "")
+    runs = {
+        "gather_deterministic": (["--config.token_embedding=gather"], f"{flags} --xla_gpu_deterministic_ops=true"),
+        "gather": (["--config.token_embedding=gather"], None),
+        "pallas": (["--config.attention=pallas"], None),
+    }
+    figures.setdefault("variants", {})
+    for name, (extra, xla_flags) in runs.items():
+        if args.smoke and name == "pallas":
+            continue  # the interpreter on a CPU: minutes, and tested elsewhere
+        figures["variants"][name] = train_run(py, base + short + extra, xla_flags.strip() if xla_flags else None)
+        save()
 
 
 def exactness(args, py: str, data: str, figures: dict) -> None:
@@ -173,17 +179,17 @@ def sample_args(smoke: bool) -> list[str]:
     return ["--new", "500", "--batch", "1", "--reps", "3", "--naive_batch", "", "--weights", "bfloat16"]
 
 
-def torch_reference(args, py: str, data: str, figures: dict, save) -> None:
+def torch_reference(args, py: str, data: str, figures: dict, save, names: list[str]) -> None:
     has_torch = subprocess.run([py, "-c", "import torch"], capture_output=True).returncode == 0
     if not os.path.exists(args.torch_reference) or not has_torch:
         figures["torch_skipped"] = "no torch" if not has_torch else f"no {args.torch_reference}"
         return
     common = (["--config", "small", "--device", "cpu", "--steps", "2", "--warmup", "1"] if args.smoke else
               ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--steps", "50", "--warmup", "10"])  # fmt: skip
-    variants = {"seed": ["--impl", "seed"], "fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"])}
-    figures["torch_train"] = {}
-    for name, extra in variants.items():
-        out, _ = run([py, args.torch_reference, "train", *common, *extra], env=dict(os.environ, ORPHEUS_DATA=data))
+    impls = {"seed": ["--impl", "seed"], "fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"])}
+    figures.setdefault("torch_train", {})
+    for name in names:
+        out, _ = run([py, args.torch_reference, "train", *common, *impls[name]], env=dict(os.environ, ORPHEUS_DATA=data))
         figures["torch_train"][name] = json_lines(out)[-1]
         save()
 
