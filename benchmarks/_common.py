@@ -97,7 +97,8 @@ class Report:
         self.bench, self.common, self.rows = bench, common, []
 
     def add(self, metric: str, value: float, unit: str, labels: dict, samples=None, note: str = "", **extra):
-        """One figure; `labels` name it in the table, `extra` (and the spread of `samples`) go to JSON only."""
+        """One figure; `labels` name it in the table, `extra` (and the spread of `samples`) go to JSON
+        only."""
         record = dict(bench=self.bench, **labels, metric=metric, value=value, unit=unit, **extra)
         if samples:
             record.update(n=len(samples), min=min(samples), max=max(samples))

@@ -30,7 +30,10 @@ def evaluation(cfg, model_cfg, mesh, params, splits, per_call: int, group: int):
 
     def run():
         key_train, key_val = jax.random.split(train.eval_key(cfg, 0))
-        return [train.estimate_loss(step, params, split, key, cfg.eval_iters) for split, key in zip(splits, (key_train, key_val))]
+        return [
+            train.estimate_loss(step, params, split, key, cfg.eval_iters)
+            for split, key in zip(splits, (key_train, key_val))
+        ]
 
     return run
 
@@ -49,7 +52,9 @@ def main():
     params = init_params(model_cfg, jax.random.key(0))
     splits = [data.to_device(part, mesh) for part in data.split(tokens, cfg.val_fraction, cfg.block_size)]
     modes = {"before": (10, 1), "after": (train.EVAL_CALL_BATCHES, train.EVAL_GROUP)}
-    runs = {name: evaluation(cfg, model_cfg, mesh, params, splits, *grouping) for name, grouping in modes.items()}
+    runs = {
+        name: evaluation(cfg, model_cfg, mesh, params, splits, *grouping) for name, grouping in modes.items()
+    }
     estimates = {name: run() for name, run in runs.items()}  # compiles
     times = {name: [] for name in runs}
     for _ in range(args.reps):
@@ -59,13 +64,28 @@ def main():
             run()
             times[name].append(time.perf_counter() - t0)
     medians = {name: statistics.median(t) for name, t in times.items()}
-    print(f"# {args.config} {' '.join(args.overrides)}: eval_iters {cfg.eval_iters} x batch {cfg.batch_size}, "
-          f"{mesh.devices.size} {jax.default_backend()} device(s)")
+    print(
+        f"# {args.config} {' '.join(args.overrides)}: eval_iters {cfg.eval_iters} x batch {cfg.batch_size}, "
+        f"{mesh.devices.size} {jax.default_backend()} device(s)"
+    )
     for name in runs:
-        print(f"# {name}: {medians[name]:.3f} s an evaluation (median of {args.reps}), estimates {estimates[name]}")
+        print(
+            f"# {name}: {medians[name]:.3f} s an evaluation (median of {args.reps}), "
+            f"estimates {estimates[name]}"
+        )
     print(f"# after / before: {medians['after'] / medians['before']:.2f}")
-    print(json.dumps(dict(config=args.config, overrides=args.overrides, times=times, medians=medians,
-                          estimates=estimates, machine=_common.machine_info())))
+    print(
+        json.dumps(
+            dict(
+                config=args.config,
+                overrides=args.overrides,
+                times=times,
+                medians=medians,
+                estimates=estimates,
+                machine=_common.machine_info(),
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

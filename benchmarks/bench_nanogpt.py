@@ -25,19 +25,20 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-
 import _common
+import numpy as np
 
 NANOGPT_ARGS = [
     "config/train_shakespeare_char.py", "--dataset=iliad_char", "--device=cpu", "--compile=False",
     "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
-    "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0", "--always_save_checkpoint=False",
+    "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0",
+    "--always_save_checkpoint=False",
 ]  # fmt: skip
 OURS_ARGS = [
     "--config", "iliad_char", "--config.n_layer=4", "--config.n_head=4", "--config.n_embd=128",
     "--config.block_size=64", "--config.batch_size=12", "--config.max_iters=2000", "--config.dropout=0.0",
-    "--config.eval_iters=20", "--config.eval_interval=250", "--config.learning_rate=1e-3", "--config.min_lr=1e-4",
+    "--config.eval_iters=20", "--config.eval_interval=250", "--config.learning_rate=1e-3",
+    "--config.min_lr=1e-4",
     "--config.warmup_iters=100", "--config.beta2=0.99", "--config.weight_decay=0.1", "--config.grad_clip=1.0",
     "--config.checkpoint_interval=2000", "--config.log_interval=50",
 ]  # fmt: skip
@@ -54,7 +55,11 @@ def prepare_nanogpt_data(nanogpt: str) -> None:
     n = int(0.9 * len(ids))
     ids[:n].tofile(os.path.join(directory, "train.bin"))
     ids[n:].tofile(os.path.join(directory, "val.bin"))
-    meta = {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
+    meta = {
+        "vocab_size": len(chars),
+        "itos": dict(enumerate(chars)),
+        "stoi": {c: i for i, c in enumerate(chars)},
+    }
     with open(os.path.join(directory, "meta.pkl"), "wb") as f:
         pickle.dump(meta, f)
 
@@ -91,11 +96,16 @@ def main():
         for i in range(1, args.rounds + 1):
             for name, fn in (("nanogpt", nanogpt), ("orpheus_jax", ours)):
                 runs[name].append(fn(i))
-                print(f"# round {i} {name}: {runs[name][-1]['wall_s']:.1f} s, val {runs[name][-1]['val_loss']}", flush=True)
+                print(
+                    f"# round {i} {name}: {runs[name][-1]['wall_s']:.1f} s, val {runs[name][-1]['val_loss']}",
+                    flush=True,
+                )
     medians = {name: statistics.median(r["wall_s"] for r in rs) for name, rs in runs.items()}
     ratio = medians["orpheus_jax"] / medians["nanogpt"]
-    print(f"# median wall time: nanoGPT {medians['nanogpt']:.1f} s, Orpheus-JAX {medians['orpheus_jax']:.1f} s "
-          f"({ratio:.2f}x nanoGPT's)")
+    print(
+        f"# median wall time: nanoGPT {medians['nanogpt']:.1f} s, Orpheus-JAX {medians['orpheus_jax']:.1f} s "
+        f"({ratio:.2f}x nanoGPT's)"
+    )
     print(json.dumps(dict(runs=runs, medians=medians, ratio=ratio, machine=_common.machine_info())))
 
 

@@ -3,8 +3,8 @@
 
     python benchmarks/bench_quickstart.py [-- --config.max_iters=1300 --config.learning_rate=4e-3]
 
-Runs `train.py --workdir <fresh temporary dir, or --workdir> [extra args]` (the default config for this machine
-unless the extra args name one) as a new process, with the clock started just before the launch,
+Runs `train.py --workdir <fresh temporary dir, or --workdir> [extra args]` (the default config for this
+machine unless the extra args name one) as a new process, with the clock started just before the launch,
 and timestamps each evaluation line ("step S: train loss A, val loss B") as it arrives on stdout.
 Prints one row per evaluation and the process's total wall time; `--budget S` adds the last val
 loss reached within S seconds. The persistent caches ($ORPHEUS_CACHE) are whatever the environment
@@ -76,7 +76,7 @@ def main():
         f"{within[-1][3] if within else float('nan'):.4f}"
     )
     common = {"bench": "quickstart", "label": args.label, "train_args": args.train_args}
-    for now, step, train_loss, val_loss in evals:
+    for now, step, _train_loss, val_loss in evals:
         print(
             json.dumps(
                 {**common, "metric": "val_loss", "step": step, "seconds": round(now, 1), "value": val_loss}

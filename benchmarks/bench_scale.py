@@ -99,7 +99,9 @@ def main():
             model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
             optimizer = make_optimizer(cfg)
             state = jax.jit(
-                lambda: init_state(cfg, model_cfg, optimizer),
+                lambda cfg=cfg, model_cfg=model_cfg, optimizer=optimizer: init_state(
+                    cfg, model_cfg, optimizer
+                ),
                 out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh),
             )()
             train_tokens, _ = data.split(tokens.astype(np.uint8), cfg.val_fraction, cfg.block_size)
@@ -123,7 +125,7 @@ def main():
         if not ARGS.calls:
             continue
         for _ in range(ARGS.reps):
-            for param_sharding, run in runs.items():
+            for run in runs.values():
                 for _ in range(ARGS.calls):
                     t0 = time.perf_counter()
                     run["state"], metrics = run["step"](run["state"], run["source"])

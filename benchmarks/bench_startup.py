@@ -100,7 +100,9 @@ def main():
         "first_byte_s": "launch to the first stdout byte (the prompt)",
         "first_char_s": "launch to the first generated character",
         "exit_s": "launch to exit",
-        "cpu_first_char_s": "user + system CPU time of the process when its first generated character arrives",
+        "cpu_first_char_s": (
+            "user + system CPU time of the process when its first generated character arrives"
+        ),
         "cpu_s": "user + system CPU time of the whole process",
     }
     with tempfile.TemporaryDirectory(prefix="orpheus-startup-") as tmp:

@@ -149,7 +149,8 @@ def main():
 
     report = Report("train", **_common.machine_info())
     peak = {}
-    # The peak is the better of XLA's default dot library and oneDNN (cpu_dots), so no setting flatters itself.
+    # The peak is the better of XLA's default dot library and oneDNN (cpu_dots), so no setting flatters
+    # itself.
     libraries = {"xla": {}, "onednn": ONEDNN_DOTS} if jaxlib_has_onednn_dots() else {"xla": {}}
     for dtype in (jnp.float32, jnp.bfloat16):
         for library, options in libraries.items():

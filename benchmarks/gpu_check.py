@@ -41,8 +41,13 @@ def run(cmd: list[str], env=None, check=True) -> tuple[str, float]:
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0 and check:
-        sys.exit(f"error: command failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout + ("" if proc.returncode == 0 else f"\nEXIT {proc.returncode}\n{proc.stderr[-3000:]}"), wall
+        sys.exit(
+            f"error: command failed ({proc.returncode}): {' '.join(cmd)}\n"
+            f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    return proc.stdout + (
+        "" if proc.returncode == 0 else f"\nEXIT {proc.returncode}\n{proc.stderr[-3000:]}"
+    ), wall
 
 
 def json_lines(text: str) -> list[dict]:
@@ -71,7 +76,9 @@ def time_breakdown(stdout: str) -> dict | None:
 
 def summarize_training(records: list[dict], run_config: dict) -> dict:
     """Figures of a finished train.py run from its metrics.jsonl records and config.json."""
-    tokens_per_step = run_config["batch_size"] * run_config["block_size"] * run_config.get("grad_accum_steps", 1)
+    tokens_per_step = (
+        run_config["batch_size"] * run_config["block_size"] * run_config.get("grad_accum_steps", 1)
+    )
     logs = [r for r in records if r.get("tokens_per_s")]
     evals = [r for r in records if "val_loss" in r]
     training_s, previous = 0.0, 0
@@ -114,7 +121,11 @@ def compare(figures: dict) -> dict:
     jax_tok_s = figures["train"].get("tokens_per_s")
     torch = figures.get("torch_train", {})
     ratios = {f"x_torch_{name}": jax_tok_s / r["tokens_per_s"] for name, r in torch.items() if jax_tok_s}
-    values = {"training_s": figures["train"].get("training_s"), "process_s": figures["train"].get("process_s"), **ratios}
+    values = {
+        "training_s": figures["train"].get("training_s"),
+        "process_s": figures["train"].get("process_s"),
+        **ratios,
+    }
     verdict = {}
     for key, goal in GOALS.items():
         value = values.get(key)
@@ -126,7 +137,11 @@ def compare(figures: dict) -> dict:
 def steps(args, py: str, data: str, figures: dict, save) -> None:
     """Each measurement in turn, most wanted first (a lease may end early), saving the figures after each."""
     smoke = args.smoke
-    base = ["--config", "tiny", "--config.max_iters=10"] if smoke else ["--config", "iliad_char", "--config.dtype=bfloat16"]
+    base = (
+        ["--config", "tiny", "--config.max_iters=10"]
+        if smoke
+        else ["--config", "iliad_char", "--config.dtype=bfloat16"]
+    )
     base += ["--data", data]
     figures["train"] = train_run(py, base)
     save()
@@ -148,7 +163,10 @@ def variants(args, py: str, base: list[str], figures: dict, save) -> None:
     short = ["--config.max_iters=" + ("6" if args.smoke else str(args.variant_steps))]
     flags = os.environ.get("XLA_FLAGS", "")
     runs = {
-        "gather_deterministic": (["--config.token_embedding=gather"], f"{flags} --xla_gpu_deterministic_ops=true"),
+        "gather_deterministic": (
+            ["--config.token_embedding=gather"],
+            f"{flags} --xla_gpu_deterministic_ops=true",
+        ),
         "gather": (["--config.token_embedding=gather"], None),
         "pallas": (["--config.attention=pallas"], None),
     }
@@ -156,7 +174,9 @@ def variants(args, py: str, base: list[str], figures: dict, save) -> None:
     for name, (extra, xla_flags) in runs.items():
         if args.smoke and name == "pallas":
             continue  # the interpreter on a CPU: minutes, and tested elsewhere
-        figures["variants"][name] = train_run(py, base + short + extra, xla_flags.strip() if xla_flags else None)
+        figures["variants"][name] = train_run(
+            py, base + short + extra, xla_flags.strip() if xla_flags else None
+        )
         save()
 
 
@@ -165,10 +185,16 @@ def exactness(args, py: str, data: str, figures: dict) -> None:
     if args.smoke:
         return
     env = dict(os.environ, ORPHEUS_DATA=data, JAX_PLATFORMS="cuda", JAX_DEFAULT_MATMUL_PRECISION="highest")
-    tests = ["tests/test_train.py::test_resume_is_exact", "tests/test_pallas_attention.py::test_compiled_kernels_on_gpu",
-             "tests/test_train.py::test_resume_with_averaged_weights_is_exact"]
-    out, wall = run([py, "-m", "pytest", "-q", "-p", "no:xdist", "-o", "addopts=", "-p", "no:cacheprovider", *tests],
-                    env=env, check=False)
+    tests = [
+        "tests/test_train.py::test_resume_is_exact",
+        "tests/test_pallas_attention.py::test_compiled_kernels_on_gpu",
+        "tests/test_train.py::test_resume_with_averaged_weights_is_exact",
+    ]
+    out, wall = run(
+        [py, "-m", "pytest", "-q", "-p", "no:xdist", "-o", "addopts=", "-p", "no:cacheprovider", *tests],
+        env=env,
+        check=False,
+    )
     figures["exactness"] = dict(summary=(out.strip().splitlines() or [""])[-1], seconds=wall)
 
 
@@ -185,11 +211,18 @@ def torch_reference(args, py: str, data: str, figures: dict, save, names: list[s
         figures["torch_skipped"] = "no torch" if not has_torch else f"no {args.torch_reference}"
         return
     common = (["--config", "small", "--device", "cpu", "--steps", "2", "--warmup", "1"] if args.smoke else
-              ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--steps", "50", "--warmup", "10"])  # fmt: skip
-    impls = {"seed": ["--impl", "seed"], "fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"])}
+              ["--config", "seed", "--device", "cuda", "--amp", "bf16", "--steps", "50",
+               "--warmup", "10"])  # fmt: skip
+    impls = {
+        "seed": ["--impl", "seed"],
+        "fused_compiled": ["--impl", "fused"] + ([] if args.smoke else ["--compile"]),
+    }
     figures.setdefault("torch_train", {})
     for name in names:
-        out, _ = run([py, args.torch_reference, "train", *common, *impls[name]], env=dict(os.environ, ORPHEUS_DATA=data))
+        out, _ = run(
+            [py, args.torch_reference, "train", *common, *impls[name]],
+            env=dict(os.environ, ORPHEUS_DATA=data),
+        )
         figures["torch_train"][name] = json_lines(out)[-1]
         save()
 
@@ -200,33 +233,51 @@ def report(figures: dict, smoke: bool) -> None:
         print("# SMOKE RUN: tiny sizes on a CPU: no figure or goal below means anything")
     print(f"# device: {figures['machine']}")
     t = figures["train"]
-    print(f"# train.py, {t['steps']} steps ({t['dtype']}): launch to done {t['process_s']:.1f} s, training "
-          f"{t['training_s']:.1f} s, {fmt(t['tokens_per_s'], ',.0f')} tok/s, MFU {fmt(t['mfu'], '.1%')}, final val "
-          f"{fmt(t['final_val_loss'], '.4f')}, best {fmt(t['best_val_loss'], '.4f')} at step {t['best_step']}")
+    print(
+        f"# train.py, {t['steps']} steps ({t['dtype']}): launch to done {t['process_s']:.1f} s, training "
+        f"{t['training_s']:.1f} s, {fmt(t['tokens_per_s'], ',.0f')} tok/s, MFU {fmt(t['mfu'], '.1%')}, "
+        "final val "
+        f"{fmt(t['final_val_loss'], '.4f')}, best {fmt(t['best_val_loss'], '.4f')} at step {t['best_step']}"
+    )
     print(f"# its time breakdown: {t['breakdown']}")
     for name, v in figures.get("variants", {}).items():
-        ratio = v["tokens_per_s"] / t["tokens_per_s"] if v.get("tokens_per_s") and t.get("tokens_per_s") else None
-        print(f"# variant {name}: {fmt(v['tokens_per_s'], ',.0f')} tok/s ({fmt(ratio, '.3f')} of the defaults')")
+        ratio = (
+            v["tokens_per_s"] / t["tokens_per_s"] if v.get("tokens_per_s") and t.get("tokens_per_s") else None
+        )
+        print(
+            f"# variant {name}: {fmt(v['tokens_per_s'], ',.0f')} tok/s ({fmt(ratio, '.3f')} of the defaults')"
+        )
     if "options" in figures:
         o = figures["options"]
-        print(f"# options {' '.join(o['args'])}: best val {fmt(o['best_val_loss'], '.4f')} at step {o['best_step']}, "
-              f"{fmt(o['tokens_per_s'], ',.0f')} tok/s")
+        print(
+            f"# options {' '.join(o['args'])}: best val {fmt(o['best_val_loss'], '.4f')} "
+            f"at step {o['best_step']}, "
+            f"{fmt(o['tokens_per_s'], ',.0f')} tok/s"
+        )
     if "exactness" in figures:
         print(f"# exactness tests on the device: {figures['exactness']['summary']}")
     for r in figures.get("sample", []):
-        print(f"# sampling {r.get('sampler')} {r.get('weights')} batch {r.get('batch')} draft {r.get('draft', 'none')}: "
-              f"{r['value']:,.0f} tok/s")
+        print(
+            f"# sampling {r.get('sampler')} {r.get('weights')} batch {r.get('batch')} "
+            f"draft {r.get('draft', 'none')}: "
+            f"{r['value']:,.0f} tok/s"
+        )
     for name, r in figures.get("torch_train", {}).items():
         print(f"# torch reference train {name}: {r['tokens_per_s']:,.0f} tok/s")
     for key, g in figures["goals"].items():
         state = {True: "met", False: "MISSED", None: "not measured"}[g["met"]]
-        print(f"# goal {key} {'<' if key.endswith('_s') else '>='} {g['goal']}: {fmt(g['value'], '.3g')} ({state})")
+        print(
+            f"# goal {key} {'<' if key.endswith('_s') else '>='} {g['goal']}: "
+            f"{fmt(g['value'], '.3g')} ({state})"
+        )
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="a tiny CPU version of every step")
-    ap.add_argument("--torch_reference", default=os.path.join(REPO, "..", "shared", "bench", "torch_reference.py"))
+    ap.add_argument(
+        "--torch_reference", default=os.path.join(REPO, "..", "shared", "bench", "torch_reference.py")
+    )
     ap.add_argument("--variant_steps", type=int, default=1000, help="steps of each variant run")
     ap.add_argument("--options", default="", help="--config.KEY=VALUE ... of the run with issue 22's options")
     ap.add_argument("--json", default=None, help="also write the figures to this file")

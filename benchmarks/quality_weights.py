@@ -22,8 +22,7 @@ from _common import Report
 
 from orpheus_jax import data
 from orpheus_jax.checkpoint import load_run
-from orpheus_jax.model import forward
-from orpheus_jax.model import decoding_weights
+from orpheus_jax.model import decoding_weights, forward
 from orpheus_jax.quantize import WEIGHTS
 from orpheus_jax.sampler import Sampler
 

@@ -89,7 +89,10 @@ def attend_pallas(q_NTK, k_NTK, v_NTK, seed_2, scale, rate):
 
     on_gpu = jax.default_backend() == "gpu"
     if not on_gpu:
-        _say_once(f"attention 'pallas' runs in Pallas' interpreter on {jax.default_backend()} (slow: it is a GPU kernel)")
+        _say_once(
+            f"attention 'pallas' runs in Pallas' interpreter on {jax.default_backend()} "
+            "(slow: it is a GPU kernel)"
+        )
     return flash_attention(q_NTK, k_NTK, v_NTK, seed_2, scale=scale, dropout_rate=rate, interpret=not on_gpu)
 
 

@@ -63,7 +63,8 @@ class Checkpointer:
         best = rundir.read_best(workdir)
         self.best = best if best and best[0] in self._manager.all_steps() else None  # (step, val_loss)
         self._candidate = None  # a better (step, val_loss) whose save is in flight
-        # A failed async save also logs its traceback from Orbax's thread; save/wait report it in one sentence.
+        # A failed async save also logs its traceback from Orbax's thread; save/wait report it in one
+        # sentence.
         logging.getLogger("absl").addFilter(_drop_orbax_errors)
         _silence_orbax_background_failures()
 

@@ -127,7 +127,8 @@ def split(tokens: np.ndarray, val_fraction: float, block_size: int) -> tuple[np.
 
 
 def step_keys(key: jax.Array, step, grad_accum_steps: int):
-    """(batch keys, dropout keys) of the micro-batches of optimizer step `step`, shaped (grad_accum_steps,)."""
+    """(batch keys, dropout keys) of the micro-batches of optimizer step `step`, shaped
+    (grad_accum_steps,)."""
     key = jax.random.fold_in(key, step)
     micro_G = jax.random.split(key, grad_accum_steps) if grad_accum_steps > 1 else key[None]
     keys_G2 = lax.map(jax.random.split, micro_G)

@@ -49,8 +49,8 @@ def initialize(
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hint = (
             (
-                "; --distributed works where JAX detects the cluster (TPU pod slices, SLURM, Open MPI, Kubernetes), "
-                "elsewhere pass --coordinator_address, --num_processes and --process_id"
+                "; --distributed works where JAX detects the cluster (TPU pod slices, SLURM, Open MPI, "
+                "Kubernetes), elsewhere pass --coordinator_address, --num_processes and --process_id"
             )
             if auto
             else ""

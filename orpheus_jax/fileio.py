@@ -14,7 +14,8 @@ from orpheus_jax import WriteError
 
 
 def os_reason(e: OSError) -> str:
-    """The operating system's reason for a failed file operation, in lower case ("no space left on device")."""
+    """The operating system's reason for a failed file operation, in lower case ("no space left on
+    device")."""
     return (e.strerror or str(e)).lower()
 
 

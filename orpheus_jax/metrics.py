@@ -208,7 +208,9 @@ def plot_losses(runs: dict[str, list[dict]], path: str):
     for i, (label, records) in enumerate(runs.items()):
         color = f"C{i % 10}"
         prefix = f"{label}: " if len(runs) > 1 else ""
-        series = lambda key: [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+        series = lambda key, records=records: [
+            (r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
+        ]
         batch, train, val = series("loss"), series("train_loss"), series("val_loss")
         if batch:
             ax.plot(*zip(*batch), color=color, alpha=0.3, linewidth=1, label=f"{prefix}train (logged batch)")

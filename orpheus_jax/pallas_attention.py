@@ -39,6 +39,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from orpheus_jax.hashing import index_bits, keep_threshold
 
+
 def _keep_QC(params_ref, n, first_t, first_s, shape, T: int, threshold: int):
     """The keep mask of the block of rows first_t.. and columns first_s.. of attention matrix n: the hash of
     each element's flat index (n_global * T + t) * T + s in the global (N, T, T) array, in uint32 arithmetic

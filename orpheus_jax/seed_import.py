@@ -321,7 +321,7 @@ def seed_to_params(state: dict[str, np.ndarray]) -> tuple[dict, dict]:
     }
     for i in range(shape["n_layer"]):
         b = f"blocks.{i}."
-        heads = lambda n: np.stack(
+        heads = lambda n, b=b: np.stack(
             [w[f"{b}sa.heads.{h}.{n}.weight"].T for h in range(H)], axis=1
         )  # (D, H, K)
         proj = linear(b + "sa.projection")

@@ -540,11 +540,17 @@ class Trainer:
         self.jitted_train_step = make_train_step(cfg, self.model_cfg, self.optimizer, self.mesh)
         jitted_eval_step = make_eval_step(cfg, self.model_cfg, self.mesh)
         keys = eval_keys(eval_key(cfg, 0), cfg.eval_iters)[0]
-        sources = [d.eval_windows(keys) if isinstance(d, data.HostSplit) else d for d in (self.train_data, self.val_data)]
+        sources = [
+            d.eval_windows(keys) if isinstance(d, data.HostSplit) else d
+            for d in (self.train_data, self.val_data)
+        ]
 
         def compile_eval():
             shapes = {(s.shape, s.dtype): s for s in sources}
-            return {shape: jitted_eval_step.lower(weights(self.state), s, keys).compile() for shape, s in shapes.items()}
+            return {
+                shape: jitted_eval_step.lower(weights(self.state), s, keys).compile()
+                for shape, s in shapes.items()
+            }
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             eval_compiled = pool.submit(compile_eval)

@@ -30,7 +30,8 @@ import os, runpy, sys
 log = open(os.environ["PROBE_LOG"], "a", buffering=1)
 
 def audit(event, args):
-    if event == "socket.connect":  # args: (socket, address); an address is a (host, port, ...) tuple or a path
+    # args: (socket, address); an address is a (host, port, ...) tuple or a path
+    if event == "socket.connect":
         address = args[1]
         log.write("connect %s\n" % (address[0] if isinstance(address, tuple) else "unix:%s" % (address,)))
     elif event == "socket.getaddrinfo":  # args: (host, port, family, type, proto)
@@ -92,9 +93,9 @@ class Server:
             try:
                 urllib.request.urlopen(self.url, timeout=5).close()
                 break
-            except OSError:
+            except OSError as e:
                 if time.time() > deadline:
-                    raise AssertionError("app.py did not start: " + "".join(self.output))
+                    raise AssertionError("app.py did not start: " + "".join(self.output)) from e
                 time.sleep(0.5)
         self.compiles_at_start = self.compiles()
 

@@ -26,9 +26,16 @@ def test_pallas_attention_equals_ours_logits_and_gradients(deterministic):
     for impl in ("xla", "pallas"):
         cfg = dataclasses.replace(CFG, attention=impl)
         logits = forward(cfg, params, tokens, rng, deterministic)
-        results[impl] = (np.asarray(logits), jax.tree.map(np.asarray, jax.grad(lambda p: loss(cfg, p))(params)))
+        results[impl] = (
+            np.asarray(logits),
+            jax.tree.map(np.asarray, jax.grad(lambda p, cfg=cfg: loss(cfg, p))(params)),
+        )
     np.testing.assert_allclose(results["pallas"][0], results["xla"][0], atol=2e-5, rtol=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4), results["pallas"][1], results["xla"][1])
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6, rtol=1e-4),
+        results["pallas"][1],
+        results["xla"][1],
+    )
     if not deterministic:  # dropout was on: its masks differ from no dropout's, so they were applied
         undropped = np.asarray(forward(CFG, params, tokens))
         assert np.abs(results["pallas"][0] - undropped).max() > 1e-3
@@ -43,4 +50,8 @@ def test_pallas_trains_like_xla_on_eight_devices(tiny_cfg, small_text_path, tmp_
     for impl in ("xla", "pallas"):
         tiny_cfg.attention = impl
         states[impl] = train(tiny_cfg.copy_and_resolve_references(), str(tmp_path / impl), small_text_path)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6), states["pallas"].params, states["xla"].params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=2e-6),
+        states["pallas"].params,
+        states["xla"].params,
+    )

@@ -48,7 +48,7 @@ def test_a_failed_restore_leaves_stderr_working(run_dir, tmp_path):
     assert sys.stderr is stderr
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        warnings.warn("still heard")
+        warnings.warn("still heard", stacklevel=1)
     assert [str(w.message) for w in caught] == ["still heard"]
 
 
@@ -61,7 +61,8 @@ Checkpointer(sys.argv[2]).close()
 namespace = {}
 exec(compile("def fail():\\n    raise OSError(28, 'No space left on device')\\n"
              "async def write():\\n    fail()\\n"
-             "def call_back(loop):\\n    loop.call_soon_threadsafe(print)\\n", sys.argv[1], "exec"), namespace)
+             "def call_back(loop):\\n    loop.call_soon_threadsafe(print)\\n", sys.argv[1], "exec"),
+     namespace)
 loop = asyncio.new_event_loop()
 task = loop.create_task(namespace["write"]())
 loop.run_until_complete(asyncio.sleep(0))

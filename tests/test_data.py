@@ -143,7 +143,8 @@ def test_a_split_within_the_budget_is_on_every_device_in_its_own_type(tmp_path):
     "grad_accum_steps, prng_impl", [(1, "threefry2x32"), (2, "threefry2x32"), (2, "rbg")]
 )
 def test_host_windows_equal_the_device_windows(grad_accum_steps, prng_impl, monkeypatch, tmp_path):
-    """Steps 3..10 drawn in blocks of 4 steps on the host; each step's windows on the device as the step cuts them."""
+    """Steps 3..10 drawn in blocks of 4 steps on the host; each step's windows on the device as the step
+    cuts them."""
     monkeypatch.setattr(data.HostSplit, "DRAW_STEPS", 4)
     everything = np.random.default_rng(0).integers(0, 66, 6000).astype(np.uint8)
     everything.tofile(tmp_path / "tokens.uint8")

@@ -167,7 +167,8 @@ def replicated_run(small_text_path, cache, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stopped_fsdp_run(small_text_path, cache, tmp_path_factory):
-    """2 x 4 devices, FSDP, stopped by a SIGTERM to process 1 only: the checkpoint of the step they stopped at."""
+    """2 x 4 devices, FSDP, stopped by a SIGTERM to process 1 only: the checkpoint of the step they stopped
+    at."""
     tmp = tmp_path_factory.mktemp("fsdp")
     run = TwoProcesses(
         tmp,

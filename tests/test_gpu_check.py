@@ -65,7 +65,9 @@ def test_the_time_breakdown_line_of_a_run_is_read_back():
     line = timer.summary()
     parts = gpu_check.time_breakdown(f"step 5000: train loss 1.0\n{line}\nDone\n")
     assert parts["compile"] == 12.5 and parts["training"] == 40.0 and "beside_training:samples" in parts
-    assert parts["launch_to_done"] == pytest.approx(sum(v for k, v in parts.items() if k.count(":") == 0 and k != "launch_to_done"), abs=0.2)
+    assert parts["launch_to_done"] == pytest.approx(
+        sum(v for k, v in parts.items() if k.count(":") == 0 and k != "launch_to_done"), abs=0.2
+    )
 
 
 @pytest.mark.slow
@@ -85,6 +87,9 @@ def test_smoke_mode_runs_every_step_on_the_cpu(tmp_path, iliad_path):
     assert figures["train"]["steps"] == 10 and figures["train"]["mfu"] is None  # no peak for a CPU
     assert 0 < figures["train"]["final_val_loss"] < 4.3 and figures["train"]["training_s"] > 0
     assert figures["train"]["breakdown"]["launch_to_done"] > figures["train"]["breakdown"]["compile"] > 0
-    assert {name: v["steps"] for name, v in figures["variants"].items()} == {"gather_deterministic": 6, "gather": 6}
+    assert {name: v["steps"] for name, v in figures["variants"].items()} == {
+        "gather_deterministic": 6,
+        "gather": 6,
+    }
     assert figures["sample"] and all(r["value"] > 0 for r in figures["sample"])
     assert json.loads(result.stdout.strip().splitlines()[-1]) == figures

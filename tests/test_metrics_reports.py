@@ -144,7 +144,9 @@ def test_training_writes_mfu_where_the_peak_is_known(
     logs = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "tokens_per_s" in r]
     vocab_size = json.load(open(tmp_path / "config.json"))["vocab_size"]
     params = init_params(GPTConfig.from_run_config(tiny_cfg, vocab_size), jax.random.key(0))
-    n_matmul = sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params) if path[-1].key == "kernel")
+    n_matmul = sum(
+        x.size for path, x in jax.tree_util.tree_leaves_with_path(params) if path[-1].key == "kernel"
+    )
     assert n_matmul == matmul_params(params) < sum(x.size for x in jax.tree.leaves(params))  # no embeddings
     per_token = 6 * n_matmul + 12 * tiny_cfg.n_layer * tiny_cfg.block_size * tiny_cfg.n_embd
     assert [r["step"] for r in logs] == [5, 10]
@@ -156,7 +158,9 @@ def test_training_writes_mfu_where_the_peak_is_known(
 
 
 @pytest.mark.slow
-def test_a_compile_inside_the_loop_does_not_count_against_tokens_per_s(tiny_cfg, small_text_path, tmp_path, monkeypatch):
+def test_a_compile_inside_the_loop_does_not_count_against_tokens_per_s(
+    tiny_cfg, small_text_path, tmp_path, monkeypatch
+):
     """Calls shorter than steps_per_call (here: to land on log_interval 2) compile inside the loop. A
     clock that jumps 1000 s during every compile shows whether that time enters a tokens/s window."""
     import types
@@ -174,7 +178,9 @@ def test_a_compile_inside_the_loop_does_not_count_against_tokens_per_s(tiny_cfg,
 
         def lower(self, *args):
             lowered = self.jitted.lower(*args)
-            return types.SimpleNamespace(compile=lambda: (offset.__setitem__(0, offset[0] + 1000), lowered.compile())[1])
+            return types.SimpleNamespace(
+                compile=lambda: (offset.__setitem__(0, offset[0] + 1000), lowered.compile())[1]
+            )
 
     monkeypatch.setattr(train_lib, "make_train_step", lambda *a: SlowCompiles(make_train_step(*a)))
     tiny_cfg.update(max_iters=8, steps_per_call=5, log_interval=2, eval_interval=8, checkpoint_interval=8)

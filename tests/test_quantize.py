@@ -1,7 +1,6 @@
 """Weights for decoding: int8 quantization, the cast of a parameter tree, and the model's logits with them
 against a NumPy reference."""
 
-
 import jax
 import jax.numpy as jnp
 import ml_dtypes

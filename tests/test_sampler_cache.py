@@ -25,15 +25,17 @@ import json, sys
 import jax
 compiles = []
 jax.monitoring.register_event_duration_secs_listener(
-    lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    lambda event, duration, **kw: (
+        compiles.append(event) if event.endswith("backend_compile_duration") else None))
 import numpy as np
 from orpheus_jax import rundir
 from orpheus_jax.sampler_cache import kept_sampler
 workdir, step, weights, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-sampler = kept_sampler(workdir, rundir.find_step(workdir, int(step) if step != "latest" else None), batch_size=2,
-                       weights=weights, chunk=8)
+sampler = kept_sampler(workdir, rundir.find_step(workdir, int(step) if step != "latest" else None),
+                       batch_size=2, weights=weights, chunk=8)
 tokens = np.concatenate(list(sampler.generate(np.array([1, 2, 3]), n, seed=5, rows=[3, 4])), axis=1)
-print(json.dumps({"tokens": tokens.tolist(), "compiles": len(compiles), "model_built": sampler.model_cfg is not None,
+print(json.dumps({"tokens": tokens.tolist(), "compiles": len(compiles),
+                  "model_built": sampler.model_cfg is not None,
                   "flax": "flax" in sys.modules, "orbax": "orbax.checkpoint" in sys.modules}))
 """
 
@@ -147,8 +149,12 @@ def test_a_new_checkpoint_never_evicts_the_programs_it_uses(tiny_run, expected, 
 def test_two_processes_building_the_same_sampler_at_once_both_sample(tiny_run, expected, tmp_path):
     env = {**os.environ, "ORPHEUS_CACHE": str(tmp_path)}
     args = [sys.executable, "-c", SAMPLE, tiny_run, "latest", "float32", "40"]
-    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
-    procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    procs = [
+        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ]
+    procs.append(
+        subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    )
     for proc in procs:
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0 and err.strip() == "", err

@@ -295,7 +295,9 @@ def test_a_raised_run_keeps_its_rate_through_any_number_of_interruptions(tiny_cf
     """Train to 20, raise max_iters to 40: the cosine ended at 20 and the rate stays at min_lr. Killed
     after step 25 and again after 35 (their later checkpoints lost), resumed by the same command, the
     run logs the rates and losses of the uninterrupted raised run."""
-    tiny_cfg.update(max_iters=20, log_interval=1, checkpoint_interval=5, keep_checkpoints=10, eval_interval=40)
+    tiny_cfg.update(
+        max_iters=20, log_interval=1, checkpoint_interval=5, keep_checkpoints=10, eval_interval=40
+    )
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
     for workdir in (straight, interrupted):
         train(tiny_cfg.copy_and_resolve_references(), workdir, small_text_path)
@@ -340,7 +342,9 @@ def scripted_val_losses(monkeypatch, val_by_step):
 
 
 @pytest.mark.slow
-def test_the_best_checkpoint_outlives_newer_ones_and_loads_as_best(tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys):
+def test_the_best_checkpoint_outlives_newer_ones_and_loads_as_best(
+    tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys
+):
     """The validation loss is lowest at step 8, then rises: keep_checkpoints=1 newer saves must not delete
     step 8, a resumed run keeps the record, and load_run(step="best") gives step 8's weights."""
     from orpheus_jax.checkpoint import load_run
@@ -359,12 +363,16 @@ def test_the_best_checkpoint_outlives_newer_ones_and_loads_as_best(tiny_cfg, sma
     assert find_step(workdir, "best") == 8
     best = load_run(workdir, "best")
     assert best.step == 8
-    assert not any(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(state.params)))
+    assert not any(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(best.params), jax.tree.leaves(state.params))
+    )
     assert "Best: val loss 2.5000 at step 8" in capsys.readouterr().out
 
 
 @pytest.mark.slow
-def test_early_stop_after_patience_evaluations_without_improvement(tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys):
+def test_early_stop_after_patience_evaluations_without_improvement(
+    tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys
+):
     scripted_val_losses(monkeypatch, {0: 4.0, 2: 3.0, 4: 3.1, 6: 3.05, 8: 2.0, 10: 2.1})
     tiny_cfg.update(max_iters=40, eval_interval=2, checkpoint_interval=40, early_stop_patience=2)
     state = train(tiny_cfg, str(tmp_path), small_text_path)
@@ -394,7 +402,9 @@ def test_resume_with_averaged_weights_is_exact(tiny_cfg, small_text_path, tmp_pa
     # The average is what a run evaluates and samples: load_run gives it, not the last weights.
     loaded = load_run(str(tmp_path / "a"))
     jax.tree.map(np.testing.assert_array_equal, loaded.params, straight.ema)
-    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(straight.ema), jax.tree.leaves(straight.params)))
+    assert not all(
+        np.array_equal(a, b) for a, b in zip(jax.tree.leaves(straight.ema), jax.tree.leaves(straight.params))
+    )
 
 
 @pytest.mark.parametrize("grad_accum_steps, dropout", [(1, 0.1), (2, 0.0)])

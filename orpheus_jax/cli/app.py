@@ -42,9 +42,9 @@ def run_command(argv: list[str]) -> None:
         raise OrpheusError("the demo needs Gradio: pip install -r requirements-app.txt") from None
     import jax
 
-    from orpheus_jax.user_cache import enable_compilation_cache
     from orpheus_jax.checkpoint import load_run
     from orpheus_jax.sharding import make_mesh, replicated
+    from orpheus_jax.user_cache import enable_compilation_cache
 
     enable_compilation_cache()
     run = load_run(args.workdir, args.step, sharding=replicated(make_mesh(jax.devices()[:1])))

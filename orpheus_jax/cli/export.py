@@ -41,7 +41,10 @@ def run_command(argv: list[str]) -> None:
 
     run = load_run(args.workdir, args.step)
     for path in export_run(run, args.onnx, args.decode):
-        print(f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) from {describe_step(args.workdir, run.step, args.step)}")
+        print(
+            f"Wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB) "
+            f"from {describe_step(args.workdir, run.step, args.step)}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

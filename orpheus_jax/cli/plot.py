@@ -11,9 +11,9 @@ own <workdir>/losses.png at every evaluation.
 import os
 
 from orpheus_jax import OrpheusError
-from orpheus_jax.rundir import metrics_path
 from orpheus_jax.cli import argument_parser, run_main
 from orpheus_jax.metrics import plot_losses, read_jsonl
+from orpheus_jax.rundir import metrics_path
 
 
 def run_command(argv: list[str]) -> None:

@@ -23,8 +23,8 @@ from ml_collections import config_flags
 from orpheus_jax import OrpheusError, configs, data, distributed
 from orpheus_jax import config as config_lib
 from orpheus_jax.cli import seconds_since_launch
-from orpheus_jax.user_cache import enable_compilation_cache
 from orpheus_jax.train import train
+from orpheus_jax.user_cache import enable_compilation_cache
 
 SEED_CONFIG = configs.path(configs.SEED)
 CPU_CONFIG = configs.path(configs.CPU)
