@@ -217,14 +217,19 @@ class Sampler:
         if self._store is None:
             return lowered.compile()
         # An executable read from JAX's compilation cache cannot be written out again (jaxlib 0.10:
-        # "Function ... not found" when the copy runs): compile this one afresh. (JAX decides whether to
-        # use its cache at a process's first compilation, so this works where that is a kept program.)
+        # "Function ... not found" when a later process runs the copy): compile this one afresh. JAX
+        # decides whether to use its cache once, at a process's first compilation (which may have been
+        # an eager cast of int8 or bfloat16 weights), so that decision is reset around this one.
+        from jax.experimental.compilation_cache import compilation_cache
+
         previous = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
         try:
             return lowered.compile()
         finally:
             jax.config.update("jax_enable_compilation_cache", previous)
+            compilation_cache.reset_cache()
 
     def _prefill_fn(self, params, window_BL, length, seed, rows_B):
         from orpheus_jax.model import empty_buffers
