@@ -40,7 +40,7 @@ class TextStreamer:
         self.sampler = Sampler(
             run.model_cfg, run.params, batch_size=1, chunk=chunk, prng_impl=run.cfg.prng_impl, mesh=mesh
         )
-        # Compile prefill, refill and decode now: a full buffer refills before its first character.
+        # Compile prefill and decode now (a full buffer refills, with prefill, before its first character).
         for _ in self.sampler.generate([0] * run.model_cfg.block_size, 1):
             pass
 

@@ -165,14 +165,15 @@ class Sampler:
         self._rows = batch_sharded(mesh) if self.batch_size % mesh.devices.size == 0 else self._rep
         use = self.draft_len and draft_index is not None
         self._index = jax.device_put(dict(draft_index), self._rep) if use else None
+        self._row_zeros = jax.device_put(np.zeros(self.batch_size, np.uint32), self._rows)  # for refills
         self._store = store
         self._compiled = {}
-        # Speculative passes so far and the tokens they produced: acceptance = tokens / passes - 1.
+        # Speculative passes so far and the tokens they yielded: drafts kept per pass = tokens / passes - 1.
         self.stats = {"passes": 0, "tokens": 0}
 
     def programs(self) -> tuple[str, ...]:
-        """The programs every generation runs (refill only when the buffer fills)."""
-        return ("prefill", "decode", "speculate") if self.draft_len else ("prefill", "decode")
+        """The programs a generation runs (a refill runs prefill again)."""
+        return ("prefill", "speculate") if self.draft_len else ("prefill", "decode")
 
     def use_params(self, params) -> None:
         """Decode with these parameters from now on (float32, as trained): cast, and placed as the
@@ -206,7 +207,6 @@ class Sampler:
         fn, donate = {  # donated: the state, whose buffers are updated in place
             "prefill": (self._prefill_fn, ()),
             "decode": (self._decode_fn, (1,)),
-            "refill": (self._refill_fn, (1,)),
             "speculate": (self._speculate_fn, (2,)),
         }[name]
         # Float32 products at float32 precision on every platform: a GPU's default is TF32 (a TPU's, one
@@ -231,9 +231,12 @@ class Sampler:
             jax.config.update("jax_enable_compilation_cache", previous)
             compilation_cache.reset_cache()
 
-    def _prefill_fn(self, params, window_BL, length, seed, rows_B):
+    def _prefill_fn(self, params, window_BL, length, seed, rows_B, roll):
+        """A new state for the window rolled `roll` positions left (0 for a prompt; shift for a refill,
+        which keeps its own keys and logits: `refill`), its positions 0 .. length-1 filled."""
         from orpheus_jax.model import empty_buffers
 
+        window_BL = jnp.roll(window_BL, -roll, axis=1)
         cache, logits_BV = self._fill(
             params, window_BL, length, empty_buffers(self.model_cfg, window_BL.shape[0])
         )
@@ -243,13 +246,6 @@ class Sampler:
             cache=cache, window_BL=window_BL, length=length, logits_BV=logits_BV, row_keys=row_keys,
             drawn=jnp.zeros((), jnp.int32),
         )  # fmt: skip
-
-    def _refill_fn(self, params, state: DecodeState) -> DecodeState:
-        """The buffer is full: keep its last block_size - shift tokens, prefilled again from position 0."""
-        window_BL = jnp.roll(state.window_BL, -self.shift, axis=1)
-        kept = self.block_size - self.shift
-        cache, _ = self._fill(params, window_BL, kept, state.cache)
-        return state._replace(cache=cache, window_BL=window_BL, length=jnp.int32(kept))
 
     def _fill(self, params, window_BL, length, cache):
         """Run the window's positions 0 .. length-1 into the cache, one attention block of positions per
@@ -274,40 +270,48 @@ class Sampler:
         logits_BV = jnp.zeros((window_BL.shape[0], c.vocab_size), jnp.float32)
         return lax.fori_loop(0, (length + block - 1) // block, one_block, (cache, logits_BV))
 
-    def _decode_fn(self, params, state: DecodeState, n_steps, temperature, top_k, top_p):
+    def _step(self, params, s: DecodeState, temperature, top_k, top_p):
+        """One token per row, its keys and values written into the buffer: (state, tokens_B)."""
         from orpheus_jax.model import forward_cached
 
+        token_B = sample_tokens(
+            s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl), temperature, top_k, top_p
+        )
+        logits_B1V, cache = forward_cached(self.model_cfg, params, token_B[:, None], s.cache, s.length)
+        window_BL = lax.dynamic_update_slice(s.window_BL, token_B[:, None], (0, s.length))
+        s = s._replace(
+            cache=cache,
+            window_BL=window_BL,
+            length=s.length + 1,
+            logits_BV=logits_B1V[:, 0],
+            drawn=s.drawn + 1,
+        )
+        return s, token_B
+
+    def _decode_fn(self, params, state: DecodeState, n_steps, temperature, top_k, top_p):
         # No refill in here: a conditional around the buffers inside the loop made XLA copy them
         # every step (10x slower at batch 16); the caller refills between chunks instead.
         def body(i, carry):
             s, out_BC = carry
-            token_B = sample_tokens(
-                s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl), temperature, top_k, top_p
-            )
-            out_BC = lax.dynamic_update_slice(out_BC, token_B[:, None], (0, i))
-            logits_B1V, cache = forward_cached(self.model_cfg, params, token_B[:, None], s.cache, s.length)
-            window_BL = lax.dynamic_update_slice(s.window_BL, token_B[:, None], (0, s.length))
-            s = s._replace(
-                cache=cache, window_BL=window_BL, length=s.length + 1, logits_BV=logits_B1V[:, 0],
-                drawn=s.drawn + 1,
-            )  # fmt: skip
-            return s, out_BC
+            s, token_B = self._step(params, s, temperature, top_k, top_p)
+            return s, lax.dynamic_update_slice(out_BC, token_B[:, None], (0, i))
 
         out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk), jnp.int32)
         return lax.fori_loop(0, n_steps, body, (state, out_BC))
 
     def _speculate_fn(self, params, index, state: DecodeState, n_target, temperature, top_k, top_p):
         """Speculative passes (see the module's docstring) while fewer than n_target tokens are out and
-        K + 1 positions are free. Returns (state, tokens (B, chunk + K), [tokens out, passes])."""
+        K + 1 positions are free, then plain steps up to n_target or the full buffer (one program: no
+        other to load). Returns (state, tokens (B, chunk + K), [tokens out, passes, tokens of the passes])."""
         from orpheus_jax.drafts import draft
         from orpheus_jax.model import forward_cached
 
-        K = self.draft_len
+        K, L = self.draft_len, self.block_size
         sample = lambda logits_BV, keys_B: sample_tokens(logits_BV, keys_B, temperature, top_k, top_p)
 
         def room(carry):
             s, _, produced, _ = carry
-            return (produced < n_target) & (s.length + K + 1 <= self.block_size)
+            return (produced < n_target) & (s.length + K + 1 <= L)
 
         def one_pass(carry):
             s, out_BC, produced, passes = carry
@@ -335,7 +339,15 @@ class Sampler:
         out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk + K), jnp.int32)
         zero = jnp.zeros((), jnp.int32)
         state, out_BC, produced, passes = lax.while_loop(room, one_pass, (state, out_BC, zero, zero))
-        return state, out_BC, jnp.stack([produced, passes])
+
+        def step(i, carry):  # the last positions before a refill: plain steps, as a plain sampler's
+            s, out_BC = carry
+            s, token_B = self._step(params, s, temperature, top_k, top_p)
+            return s, lax.dynamic_update_slice(out_BC, token_B[:, None], (0, produced + i))
+
+        n_steps = jnp.maximum(jnp.minimum(n_target - produced, L - state.length), 0)
+        state, out_BC = lax.fori_loop(0, n_steps, step, (state, out_BC))
+        return state, out_BC, jnp.stack([produced + n_steps, passes, produced])
 
     def start(self, prompt_ids, seed: int = 0, rows=None) -> tuple[DecodeState, int]:
         """Prefill the prompt (its last block_size tokens) for every row; rows: the row indices that pick
@@ -350,12 +362,20 @@ class Sampler:
         window_BL[:, : len(prompt)] = prompt
         state = self._program(
             "prefill", self.params, jax.device_put(window_BL, self._rows), np.int32(len(prompt)),
-            np.uint32(seed), jax.device_put(rows.astype(np.uint32), self._rows),
+            np.uint32(seed), jax.device_put(rows.astype(np.uint32), self._rows), np.int32(0),
         )  # fmt: skip
         return state, len(prompt)
 
     def refill(self, state: DecodeState) -> tuple[DecodeState, int]:
-        return self._program("refill", self.params, state), self.block_size - self.shift
+        """The buffer is full: keep its last block_size - shift tokens, prefilled again from position 0,
+        by the prefill program (one program fewer to compile and load); the next token is still drawn
+        from the logits over the whole buffer, with the state's keys."""
+        kept = self.block_size - self.shift
+        fresh = self._program(
+            "prefill", self.params, state.window_BL, np.int32(kept), np.uint32(0), self._row_zeros,
+            np.int32(self.shift),
+        )  # fmt: skip
+        return state._replace(cache=fresh.cache, window_BL=fresh.window_BL, length=fresh.length), kept
 
     def decode(self, state: DecodeState, n: int, temperature=1.0, top_k=0, top_p=1.0):
         """Draw n tokens per row, n <= chunk and n <= free buffer positions; returns (state, (B, n) NumPy)."""
@@ -368,8 +388,8 @@ class Sampler:
         return self._program("decode", self.params, state, *settings)
 
     def _dispatch_speculate(self, state, n_target, temperature, top_k, top_p):
-        """Speculative passes until n_target tokens are out or the buffer has fewer than K + 1 free
-        positions, not waited for: (state, tokens (B, chunk + K) on the device, [tokens out, passes])."""
+        """speculate's call, not waited for: (state, tokens (B, chunk + K) on the device, counts), at
+        least n_target tokens unless the buffer fills first."""
         settings = (np.int32(n_target), np.float32(temperature), np.int32(top_k), np.float32(top_p))
         return self._program("speculate", self.params, self._index, state, *settings)
 
@@ -388,20 +408,21 @@ class Sampler:
         while remaining > 0:
             if length == self.block_size:
                 state, length = self.refill(state)
-            if self.draft_len and self.block_size - length > self.draft_len:
+            if self.draft_len:
+                n_target = min(remaining, chunk)
                 state, tokens_BC, counts = self._dispatch_speculate(
-                    state, min(remaining, chunk), temperature, top_k, top_p
+                    state, n_target, temperature, top_k, top_p
                 )
-            else:  # plain steps up to the full buffer: refills fall where a plain sampler's do
+            else:
                 n = min(remaining, chunk, self.block_size - length)
                 state, tokens_BC = self._dispatch_decode(state, n, temperature, top_k, top_p)
                 counts = None
             if pending is not None:
                 yield np.asarray(pending[0])[:, : pending[1]]
             if counts is not None:
-                produced, passes = (int(c) for c in np.asarray(counts))
+                produced, passes, by_passes = (int(c) for c in np.asarray(counts))
                 self.stats["passes"] += passes
-                self.stats["tokens"] += produced
+                self.stats["tokens"] += by_passes
                 n = min(produced, remaining)
                 length += produced - n  # tokens past max_new_tokens: in the state, not yielded
             pending = (tokens_BC, n)

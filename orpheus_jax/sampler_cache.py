@@ -2,8 +2,8 @@
 user cache so that a later `sample.py` with the same settings starts without importing Flax or Orbax,
 tracing or compiling.
 
-    <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle, refill.pickle,
-                                          speculate.pickle (speculative decoding)
+    <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle or (speculative
+                                          decoding) speculate.pickle
     <user cache>/samplers/params/<key>.npz
 
 A programs key covers the run's config, the sampler's settings (the draft length and the draft
@@ -235,7 +235,7 @@ def _load(store: ProgramStore, params_file: str, mesh, draft_index) -> Sampler |
     except (KeyError, TypeError, ValueError) as e:  # settings of another shape: not ours to load
         warn(f"cannot use the kept sampler ({_reason(e)}); rebuilding it")
         return None
-    if not sampler.has_programs(*sampler.programs()):  # refill: when first needed
+    if not sampler.has_programs(*sampler.programs()):
         return None
     for path in (store.directory, params_file):
         with contextlib.suppress(OSError):
