@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from orpheus_jax import rundir, sampler_cache
+from orpheus_jax.drafts import load_index
 from orpheus_jax.sampler_cache import kept_sampler
 
 
@@ -34,9 +35,11 @@ def count_compiles():
     return compiles
 
 
-def sample(workdir, step=None, weights="float32", batch_size=2, n=40):
+def sample(workdir, step=None, weights="float32", batch_size=2, n=40, **settings):
     """40 new tokens (a refill included: the tiny run's block is 32) from a kept sampler."""
-    sampler = kept_sampler(workdir, rundir.find_step(workdir, step), batch_size=batch_size, weights=weights, chunk=8)
+    sampler = kept_sampler(
+        workdir, rundir.find_step(workdir, step), batch_size=batch_size, weights=weights, chunk=8, **settings
+    )
     chunks = sampler.generate(np.array([1, 2, 3]), n, seed=5, rows=list(range(3, 3 + batch_size)))
     return sampler, np.concatenate(list(chunks), axis=1)
 
@@ -128,15 +131,16 @@ def test_a_group_writable_file_is_never_loaded(tiny_run, cache, capsys):
 
 def test_a_new_checkpoint_never_evicts_the_programs_it_uses(tiny_run, cache, capsys):
     """A parameters miss (another step of the same run) with the programs folder the oldest of more than
-    KEEP: the eviction that follows must leave it, and the refill program compiled later lands in it."""
+    KEEP: the eviction that follows must leave it, and the program compiled later lands in it."""
     steps = rundir.complete_steps(rundir.checkpoints_dir(tiny_run))
-    sample(tiny_run, steps[-1], n=4)  # prefill and decode kept; no refill yet
+    drafts = dict(draft_len=4, draft_index=load_index(rundir.drafts_path(tiny_run)))
+    sample(tiny_run, steps[-1], n=4, **drafts)  # prefill and decode kept (a first chunk); no speculate yet
     programs = cache / "samplers" / "programs"
     (ours,) = os.listdir(programs)
     os.utime(programs / ours, (1, 1))  # the oldest
     for i in range(sampler_cache.KEEP):
         (programs / f"other{i}").mkdir()
-    _, got = sample(tiny_run, steps[0])  # params miss; 40 tokens: the refill is compiled and kept
-    assert (programs / ours / "refill.pickle").exists()
+    _, got = sample(tiny_run, steps[0], **drafts)  # params miss; 40 tokens: speculate compiled and kept
+    assert (programs / ours / "speculate.pickle").exists()
     assert len(os.listdir(programs)) == sampler_cache.KEEP
     assert warnings_of(capsys) == []
