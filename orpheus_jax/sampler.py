@@ -39,6 +39,7 @@ processes, and the model (and Flax) is imported only where a program is built.
 
 import dataclasses
 import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -168,12 +169,14 @@ class Sampler:
         self._row_zeros = jax.device_put(np.zeros(self.batch_size, np.uint32), self._rows)  # for refills
         self._store = store
         self._compiled = {}
+        self._loading = {}  # name: the future of a program being loaded from the store
         # Speculative passes so far and the tokens they yielded: drafts kept per pass = tokens / passes - 1.
         self.stats = {"passes": 0, "tokens": 0}
 
     def programs(self) -> tuple[str, ...]:
-        """The programs a generation runs (a refill runs prefill again)."""
-        return ("prefill", "speculate") if self.draft_len else ("prefill", "decode")
+        """The programs a generation runs (a refill runs prefill again); the first two make its first
+        chunk."""
+        return ("prefill", "decode", "speculate") if self.draft_len else ("prefill", "decode")
 
     def use_params(self, params) -> None:
         """Decode with these parameters from now on (float32, as trained): cast, and placed as the
@@ -184,12 +187,22 @@ class Sampler:
 
     def has_programs(self, *names) -> bool:
         """Whether these programs are ready (compiled here or loaded from the store)."""
+        self.preload(*names)
         for name in names:
-            if name not in self._compiled and self._store is not None:
-                compiled = self._store.load(name)
+            if name in self._loading:
+                compiled = self._loading.pop(name).result()
                 if compiled is not None:
                     self._compiled[name] = compiled
         return all(name in self._compiled for name in names)
+
+    def preload(self, *names) -> None:
+        """Start loading these programs from the store, each on a thread of its own: loading is mostly
+        linking machine code, outside the GIL, so they load side by side and beside decoding."""
+        for name in names:
+            if name not in self._compiled and name not in self._loading and self._store is not None:
+                pool = ThreadPoolExecutor(max_workers=1)
+                self._loading[name] = pool.submit(self._store.load, name)
+                pool.shutdown(wait=False)  # its thread ends with the load
 
     def _program(self, name: str, *args):
         """Run program `name`: compiled once per sampler (or loaded), and kept if the sampler has a store."""
@@ -301,8 +314,7 @@ class Sampler:
 
     def _speculate_fn(self, params, index, state: DecodeState, n_target, temperature, top_k, top_p):
         """Speculative passes (see the module's docstring) while fewer than n_target tokens are out and
-        K + 1 positions are free, then plain steps up to n_target or the full buffer (one program: no
-        other to load). Returns (state, tokens (B, chunk + K), [tokens out, passes, tokens of the passes])."""
+        K + 1 positions are free. Returns (state, tokens (B, chunk + K), [tokens out, passes])."""
         from orpheus_jax.drafts import draft
         from orpheus_jax.model import forward_cached
 
@@ -339,15 +351,7 @@ class Sampler:
         out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk + K), jnp.int32)
         zero = jnp.zeros((), jnp.int32)
         state, out_BC, produced, passes = lax.while_loop(room, one_pass, (state, out_BC, zero, zero))
-
-        def step(i, carry):  # the last positions before a refill: plain steps, as a plain sampler's
-            s, out_BC = carry
-            s, token_B = self._step(params, s, temperature, top_k, top_p)
-            return s, lax.dynamic_update_slice(out_BC, token_B[:, None], (0, produced + i))
-
-        n_steps = jnp.maximum(jnp.minimum(n_target - produced, L - state.length), 0)
-        state, out_BC = lax.fori_loop(0, n_steps, step, (state, out_BC))
-        return state, out_BC, jnp.stack([produced + n_steps, passes, produced])
+        return state, out_BC, jnp.stack([produced, passes])
 
     def start(self, prompt_ids, seed: int = 0, rows=None) -> tuple[DecodeState, int]:
         """Prefill the prompt (its last block_size tokens) for every row; rows: the row indices that pick
@@ -408,10 +412,14 @@ class Sampler:
         while remaining > 0:
             if length == self.block_size:
                 state, length = self.refill(state)
-            if self.draft_len:
-                n_target = min(remaining, chunk)
+            # Plain steps: the first chunk (a kept sampler loads speculate meanwhile, `preload`), and the
+            # last positions before a refill, so that it falls where a plain sampler's does.
+            if self.draft_len and pending is not None and self.block_size - length > self.draft_len:
+                if "speculate" in self._loading:  # still loading: show the first chunk before waiting
+                    yield np.asarray(pending[0])[:, : pending[1]]
+                    pending = None
                 state, tokens_BC, counts = self._dispatch_speculate(
-                    state, n_target, temperature, top_k, top_p
+                    state, min(remaining, chunk), temperature, top_k, top_p
                 )
             else:
                 n = min(remaining, chunk, self.block_size - length)
@@ -420,9 +428,9 @@ class Sampler:
             if pending is not None:
                 yield np.asarray(pending[0])[:, : pending[1]]
             if counts is not None:
-                produced, passes, by_passes = (int(c) for c in np.asarray(counts))
+                produced, passes = (int(c) for c in np.asarray(counts))
                 self.stats["passes"] += passes
-                self.stats["tokens"] += by_passes
+                self.stats["tokens"] += produced
                 n = min(produced, remaining)
                 length += produced - n  # tokens past max_new_tokens: in the state, not yielded
             pending = (tokens_BC, n)

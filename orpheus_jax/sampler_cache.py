@@ -2,8 +2,8 @@
 user cache so that a later `sample.py` with the same settings starts without importing Flax or Orbax,
 tracing or compiling.
 
-    <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle or (speculative
-                                          decoding) speculate.pickle
+    <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle, and for
+                                          speculative decoding speculate.pickle
     <user cache>/samplers/params/<key>.npz
 
 A programs key covers the run's config, the sampler's settings (the draft length and the draft
@@ -99,6 +99,9 @@ class ProgramStore:
         from jax.experimental import serialize_executable
 
         return serialize_executable.deserialize_and_load(*payload)
+
+    def has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.directory, f"{name}.pickle"))
 
     def save(self, name: str, compiled) -> None:
         from jax.experimental import serialize_executable
@@ -235,8 +238,11 @@ def _load(store: ProgramStore, params_file: str, mesh, draft_index) -> Sampler |
     except (KeyError, TypeError, ValueError) as e:  # settings of another shape: not ours to load
         warn(f"cannot use the kept sampler ({_reason(e)}); rebuilding it")
         return None
-    if not sampler.has_programs(*sampler.programs()):
+    # Complete: every program is kept. The first chunk's wait; the rest load beside its decoding.
+    programs = sampler.programs()
+    if not all(store.has(name) for name in programs) or not sampler.has_programs(*programs[:2]):
         return None
+    sampler.preload(*programs[2:])
     for path in (store.directory, params_file):
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used
