@@ -23,8 +23,9 @@ from _common import Report, median
 from jax import lax
 
 from configs import iliad_char
-from orpheus_jax.model import GPTConfig, count_params, forward, init_params
-from orpheus_jax.sampler import WEIGHTS, Sampler, cast_weights
+from orpheus_jax.model import GPTConfig, count_params, decoding_weights, forward, init_params
+from orpheus_jax.quantize import WEIGHTS
+from orpheus_jax.sampler import Sampler
 
 
 def bandwidth(reps: int, mib: int) -> dict:
@@ -143,7 +144,7 @@ def main():
     )
     bound_s = {}
     for w in sorted(set(weight_types) | {"float32"}):
-        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cast_weights(params, w)))
+        nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(decoding_weights(params, w)))
         bound_s[w] = nbytes / read_bw
         report.add(
             "weight_bound_ms_per_token",
