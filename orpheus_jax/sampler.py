@@ -106,8 +106,8 @@ def index_signature(index) -> list | None:
 
 
 class Sampler:
-    """Compiled prefill, decode and refill (and with draft_len > 0, speculate) for one model, batch size
-    and chunk length.
+    """Compiled prefill (which refills too), decode and, with draft_len > 0, speculate, for one model,
+    batch size and chunk length.
 
     draft_len: tokens drafted per speculative pass (0: none); draft_index: drafts.build_index's arrays
     of the training text, or None to draft from each row's own context alone. store: where compiled
