@@ -23,8 +23,7 @@ from _common import Report, median
 from jax import lax
 
 from configs import iliad_char
-from orpheus_jax.model import GPTConfig, count_params, forward, init_params
-from orpheus_jax.model import decoding_weights
+from orpheus_jax.model import GPTConfig, count_params, decoding_weights, forward, init_params
 from orpheus_jax.quantize import WEIGHTS
 from orpheus_jax.sampler import Sampler
 

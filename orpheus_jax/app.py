@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 import jax  # noqa: E402
 
 from orpheus_jax import OrpheusError  # noqa: E402
+from orpheus_jax.cli.sample import DRAFT_LEN  # noqa: E402
 from orpheus_jax.sampler import Sampler  # noqa: E402
 from orpheus_jax.sharding import make_mesh  # noqa: E402
 
@@ -32,16 +33,21 @@ class InputError(ValueError):
 
 
 class TextStreamer:
-    """The demo's generation: checks a request, then yields prompt + text so far, chunk by chunk."""
+    """The demo's generation: checks a request, then yields prompt + text so far, chunk by chunk.
 
-    def __init__(self, run, chunk: int = CHUNK):
+    Speculative decoding (draft_len > 0: the text sample.py's --draft ngram gives, sooner) drafts from
+    draft_index, the run's drafts.npz (None: from the prompt and text so far alone)."""
+
+    def __init__(self, run, chunk: int = CHUNK, draft_len: int = DRAFT_LEN, draft_index=None):
         self.tokenizer = run.tokenizer
         mesh = make_mesh(jax.devices()[:1])  # batch 1: one device; replicating it would only repeat the work
         self.sampler = Sampler(
-            run.model_cfg, run.params, batch_size=1, chunk=chunk, prng_impl=run.cfg.prng_impl, mesh=mesh
-        )
-        # Compile prefill, refill and decode now: a full buffer refills before its first character.
-        for _ in self.sampler.generate([0] * run.model_cfg.block_size, 1):
+            run.model_cfg, run.params, batch_size=1, chunk=chunk, prng_impl=run.cfg.prng_impl, mesh=mesh,
+            draft_len=draft_len, draft_index=draft_index,
+        )  # fmt: skip
+        # Compile every program now, so that no request compiles: prefill (refills too), decode (the
+        # first chunk) and speculate (the next).
+        for _ in self.sampler.generate([0], 2 * chunk):
             pass
 
     def check(self, prompt, length, temperature, top_k, top_p):

@@ -55,14 +55,16 @@ def attend(q_NTK, k_NTK, v_NTK, pos_T, scale, dtype, drop=lambda p: p):
 
 
 def attend_buffer(q_NTK, k_NLK, v_NLK, pos_T, scale, dtype, block: int):
-    """Queries over a key/value buffer, reading its blocks up to the last query's position only.
+    """Queries over a key/value buffer: a pass of whole blocks (a prefill) reads the buffer's blocks up
+    to its last query's position only.
 
-    Except for a single query (a decode step): XLA copies each block it slices out of the buffer
-    before the product, which for one query costs more than the product itself, so it reads the whole
-    buffer in one product (benchmarks/RESULTS.md, 2026-11-26, midday)."""
+    A pass of fewer queries than a block (a decode step, a speculative pass) reads the whole buffer in
+    one product: XLA copies each block it slices out of the buffer before the product, which for one
+    query costs more than the product itself (benchmarks/RESULTS.md, 2026-11-26, midday); and a
+    speculative pass then sums its attention as a step does."""
     L = k_NLK.shape[1]
     carry = _start(q_NTK)
-    if q_NTK.shape[1] == 1 or block == L:
+    if q_NTK.shape[1] < block or block == L:
         return _finish(attend_block(q_NTK, k_NLK, v_NLK, pos_T, jnp.arange(L), scale, dtype, carry), dtype)
 
     def one_block(j, carry):

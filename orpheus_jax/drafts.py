@@ -48,6 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from orpheus_jax.fileio import atomic_file
+
+# Tokens of the training text an index holds at most (its first ones): 4 MB of text and 16 MB of
+# suffix array, built in a few seconds; the Iliad has 0.7M.
+MAX_INDEX_TOKENS = 4 * 2**20
+INDEX_ARRAYS = ("text", "suffix_array", "most_frequent")
+
 
 def _smallest_dtype(max_value: int):
     for dtype in (np.uint8, np.uint16, np.int32):
@@ -199,12 +206,33 @@ def draft(index, window_BL, length, n_draft: int, max_match: int = 16):
     int32 scalar or an int; positions from `length` on are ignored). Pure jnp: jit with n_draft and
     max_match static.
 
-    index: build_index's arrays (on the device). Returns (drafts_BK int32, match_B int32), match_B the
-    length of the longest suffix match used (0..min(length, max_match); 0: no match)."""
-    text_BK, text_match_B = lookup_text(index, window_BL, length, n_draft, max_match)
+    index: build_index's arrays (on the device), or None to look in the context alone (a run without an
+    index; with no match there, the drafts repeat the last token). Returns (drafts_BK int32, match_B
+    int32), match_B the length of the longest suffix match used (0..min(length, max_match); 0: none)."""
     own_BK, own_match_B = lookup_window(window_BL, length, n_draft, max_match)
+    if index is None:
+        last_B1 = lax.dynamic_slice_in_dim(window_BL, jnp.asarray(length, jnp.int32) - 1, 1, axis=1)
+        return jnp.where(own_match_B[:, None] > 0, own_BK, last_B1.astype(jnp.int32)), own_match_B
+    text_BK, text_match_B = lookup_text(index, window_BL, length, n_draft, max_match)
     use_text_B = text_match_B >= own_match_B
     drafts_BK = jnp.where(use_text_B[:, None], text_BK, own_BK)
     match_B = jnp.maximum(text_match_B, own_match_B)
     drafts_BK = jnp.where(match_B[:, None] > 0, drafts_BK, jnp.asarray(index["most_frequent"], jnp.int32))
     return drafts_BK, match_B
+
+
+def save_index(path: str, index: dict) -> None:
+    """Write build_index's arrays to `path` (np.savez, atomically: a reader never sees half a file)."""
+    with atomic_file(path, "wb") as f:
+        np.savez(f, **index)
+
+
+def load_index(path: str) -> dict[str, np.ndarray]:
+    """save_index's arrays; ValueError if the file is not such an index (OSError if it cannot be read)."""
+    with np.load(path) as saved:
+        if sorted(saved.files) != sorted(INDEX_ARRAYS):
+            raise ValueError(f"{path} is not a draft index (arrays {sorted(saved.files)})")
+        index = {name: saved[name] for name in INDEX_ARRAYS}
+    if index["text"].ndim != 1 or index["suffix_array"].shape != index["text"].shape:
+        raise ValueError(f"{path} is not a draft index (shapes do not match)")
+    return index

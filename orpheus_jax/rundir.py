@@ -7,6 +7,7 @@ training run at a time. (The checkpoints themselves are Orbax's: checkpoint.py.)
     <workdir>/metrics.jsonl    one JSON object per log or eval line
     <workdir>/events.out.tfevents.*   the same, for TensorBoard (one file per start)
     <workdir>/losses.png       the loss curves, redrawn at every evaluation
+    <workdir>/drafts.npz       the training text's draft index for speculative sampling (drafts.py)
     <workdir>/lock             who is training in it (pid, host); held with flock while they do
     <workdir>/checkpoints/<step>/state   Orbax checkpoints (params, optimizer state, step, rng)
 """
@@ -36,6 +37,10 @@ def metrics_path(workdir: str) -> str:
 
 def plot_path(workdir: str) -> str:
     return os.path.join(workdir, "losses.png")
+
+
+def drafts_path(workdir: str) -> str:
+    return os.path.join(workdir, "drafts.npz")
 
 
 def best_path(workdir: str) -> str:

@@ -11,12 +11,35 @@ row's index, and how the tokens are grouped into calls changes nothing. Everythi
 (its tokens, its length) is data, so one compilation serves every prompt for a given (batch, buffer,
 chunk).
 
+Speculative decoding (draft_len K > 0) changes nothing but speed. Each pass of the compiled loop
+samples the next token as a step does, drafts K tokens after it (drafts.py: the training text and the
+row's own context), runs the K + 1 tokens through the model in one pass (writing their keys and values
+into the buffer) and checks the drafts: the token at each drafted position is sampled from the pass's
+logits with that position's key, exactly the draw a step would make there, and the drafts are kept
+while they equal those draws. The first draw that differs is not lost: it is the next pass's first
+token (the state keeps the logits it was drawn from, and its key). Rows move in lockstep: every row
+advances by the smallest number of drafts any row kept, which stays exact (the other rows' later
+drafts are drawn again, with the same keys) and keeps one buffer length, one refill and one position
+per batch; per-row positions would need per-row refills and writes, for a gain only at batch > 1,
+where drafts pay least. A pass needs K + 1 free positions: the last few before the buffer fills are
+plain steps, so refills happen exactly where a plain sampler's do.
+
+What "exact" means in floating point: a pass's logits for a position equal a step's to float32
+rounding, not always to the bit (XLA:CPU computes a one-row product as a matrix-vector product and
+several rows as a matrix product, which sum in other orders; forcing one order slows every float32
+step). A draw can differ only where two characters' scores tie within that rounding, which float32
+runs have not met (benchmarks/RESULTS.md); the tests check token equality on a trained tiny run.
+bfloat16 and int8 weights amplify such differences (an activation rounded to the other side of a
+bfloat16 or int8 step), so their texts part from the plain sampler's sooner or later, while sampling
+the same distribution.
+
 The programs are compiled on first use; a `store` (sampler_cache.ProgramStore) keeps them for later
 processes, and the model (and Flax) is imported only where a program is built.
 """
 
 import dataclasses
 import typing
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -69,10 +92,26 @@ def token_keys(row_keys, index, prng_impl: str):
     )
 
 
-class Sampler:
-    """Compiled prefill, decode and refill for one model, batch size and chunk length.
+def max_draft_len(block_size: int, kv_block: int) -> int:
+    """The most drafts a pass may check: its K + 1 queries must read the whole buffer, as a step's do
+    (fewer than an attention block, attention.attend_buffer: model.GPTConfig.attention_block), and fit."""
+    return (kv_block if block_size % kv_block == 0 else block_size) - 2
 
-    store: where compiled programs are loaded from and kept (sampler_cache.ProgramStore), or None."""
+
+def index_signature(index) -> list | None:
+    """What a compiled program depends on of a draft index: its size and text type (None: no index)."""
+    if index is None:
+        return None
+    return [int(index["text"].shape[0]), np.dtype(index["text"].dtype).name]
+
+
+class Sampler:
+    """Compiled prefill (which refills too), decode and, with draft_len > 0, speculate, for one model,
+    batch size and chunk length.
+
+    draft_len: tokens drafted per speculative pass (0: none); draft_index: drafts.build_index's arrays
+    of the training text, or None to draft from each row's own context alone. store: where compiled
+    programs are loaded from and kept (sampler_cache.ProgramStore), or None."""
 
     def __init__(
         self,
@@ -84,40 +123,60 @@ class Sampler:
         shift: int | None = None,
         prng_impl: str = "threefry2x32",
         weights: str = "float32",
+        draft_len: int = 0,
+        draft_index=None,
         mesh=None,
         store=None,
     ):
         shift = shift or max(1, model_cfg.block_size // 2)
         if not 1 <= shift < model_cfg.block_size:
             raise ValueError(f"shift must be in [1, block_size - 1], got {shift}")
+        most = max_draft_len(model_cfg.block_size, model_cfg.kv_block)
+        if not 0 <= draft_len <= most:
+            raise ValueError(f"draft_len must be in [0, {most}], got {draft_len}")
         settings = dict(
             batch_size=batch_size, chunk=chunk, shift=shift, prng_impl=prng_impl, weights=weights,
-            block_size=model_cfg.block_size, model=dataclasses.asdict(model_cfg),
+            block_size=model_cfg.block_size, model=dataclasses.asdict(model_cfg), draft_len=draft_len,
+            draft_index=index_signature(draft_index) if draft_len else None,
         )  # fmt: skip
-        self._setup(settings, mesh, store)
+        self._setup(settings, mesh, store, draft_index)
         self.model_cfg = model_cfg
         self.use_params(params)
 
     @classmethod
-    def from_settings(cls, settings: dict, params, store, mesh=None) -> "Sampler":
+    def from_settings(cls, settings: dict, params, store, mesh=None, draft_index=None) -> "Sampler":
         """A sampler whose programs come from `store` (built from settings["model"] only if one is missing);
-        params already in the decoding type."""
+        params already in the decoding type; draft_index: the index the settings were made with."""
+        if settings.get("draft_index") != index_signature(draft_index if settings.get("draft_len") else None):
+            raise ValueError("the draft index is not the one these settings were made with")
         sampler = cls.__new__(cls)
-        sampler._setup(settings, mesh, store)
+        sampler._setup(settings, mesh, store, draft_index)
         sampler.model_cfg = None
         sampler.params = jax.device_put(params, sampler._rep)
         return sampler
 
-    def _setup(self, settings: dict, mesh, store):
+    def _setup(self, settings: dict, mesh, store, draft_index):
         self.settings = settings
         self.batch_size, self.chunk, self.shift = settings["batch_size"], settings["chunk"], settings["shift"]
         self.block_size, self.prng_impl = settings["block_size"], settings["prng_impl"]
+        self.draft_len = settings.get("draft_len", 0)
         mesh = mesh or make_mesh()
         self._rep = replicated(mesh)
         # Split the batch over devices when it divides evenly; otherwise every device decodes all rows.
         self._rows = batch_sharded(mesh) if self.batch_size % mesh.devices.size == 0 else self._rep
+        use = self.draft_len and draft_index is not None
+        self._index = jax.device_put(dict(draft_index), self._rep) if use else None
+        self._row_zeros = jax.device_put(np.zeros(self.batch_size, np.uint32), self._rows)  # for refills
         self._store = store
         self._compiled = {}
+        self._loading = {}  # name: the future of a program being loaded from the store
+        # Speculative passes so far and the tokens they yielded: drafts kept per pass = tokens / passes - 1.
+        self.stats = {"passes": 0, "tokens": 0}
+
+    def programs(self) -> tuple[str, ...]:
+        """The programs a generation runs (a refill runs prefill again); the first two make its first
+        chunk."""
+        return ("prefill", "decode", "speculate") if self.draft_len else ("prefill", "decode")
 
     def use_params(self, params) -> None:
         """Decode with these parameters from now on (float32, as trained): cast, and placed as the
@@ -128,12 +187,22 @@ class Sampler:
 
     def has_programs(self, *names) -> bool:
         """Whether these programs are ready (compiled here or loaded from the store)."""
+        self.preload(*names)
         for name in names:
-            if name not in self._compiled and self._store is not None:
-                compiled = self._store.load(name)
+            if name in self._loading:
+                compiled = self._loading.pop(name).result()
                 if compiled is not None:
                     self._compiled[name] = compiled
         return all(name in self._compiled for name in names)
+
+    def preload(self, *names) -> None:
+        """Start loading these programs from the store, each on a thread of its own: loading is mostly
+        linking machine code, outside the GIL, so they load side by side and beside decoding."""
+        for name in names:
+            if name not in self._compiled and name not in self._loading and self._store is not None:
+                pool = ThreadPoolExecutor(max_workers=1)
+                self._loading[name] = pool.submit(self._store.load, name)
+                pool.shutdown(wait=False)  # its thread ends with the load
 
     def _program(self, name: str, *args):
         """Run program `name`: compiled once per sampler (or loaded), and kept if the sampler has a store."""
@@ -148,8 +217,11 @@ class Sampler:
             from orpheus_jax.model import GPTConfig
 
             self.model_cfg = GPTConfig(**self.settings["model"])
-        fn = {"prefill": self._prefill_fn, "decode": self._decode_fn, "refill": self._refill_fn}[name]
-        donate = () if name == "prefill" else (1,)  # the state: its buffers are updated in place
+        fn, donate = {  # donated: the state, whose buffers are updated in place
+            "prefill": (self._prefill_fn, ()),
+            "decode": (self._decode_fn, (1,)),
+            "speculate": (self._speculate_fn, (2,)),
+        }[name]
         # Float32 products at float32 precision on every platform: a GPU's default is TF32 (a TPU's, one
         # bfloat16 pass), with which the cached-logits tests failed on an H100 (they pass there with this).
         # bfloat16 and int8 operands are multiplied exactly in either mode.
@@ -158,17 +230,26 @@ class Sampler:
         if self._store is None:
             return lowered.compile()
         # An executable read from JAX's compilation cache cannot be written out again (jaxlib 0.10:
-        # "Function ... not found" when the copy runs): compile this one afresh.
+        # "Function ... not found" when a later process runs the copy): compile this one afresh. JAX
+        # decides whether to use its cache once, at a process's first compilation (which may have been
+        # an eager cast of int8 or bfloat16 weights), so that decision is reset around this one.
+        from jax.experimental.compilation_cache import compilation_cache
+
         previous = jax.config.jax_enable_compilation_cache
         jax.config.update("jax_enable_compilation_cache", False)
+        compilation_cache.reset_cache()
         try:
             return lowered.compile()
         finally:
             jax.config.update("jax_enable_compilation_cache", previous)
+            compilation_cache.reset_cache()
 
-    def _prefill_fn(self, params, window_BL, length, seed, rows_B):
+    def _prefill_fn(self, params, window_BL, length, seed, rows_B, roll):
+        """A new state for the window rolled `roll` positions left (0 for a prompt; shift for a refill,
+        which keeps its own keys and logits: `refill`), its positions 0 .. length-1 filled."""
         from orpheus_jax.model import empty_buffers
 
+        window_BL = jnp.roll(window_BL, -roll, axis=1)
         cache, logits_BV = self._fill(
             params, window_BL, length, empty_buffers(self.model_cfg, window_BL.shape[0])
         )
@@ -178,13 +259,6 @@ class Sampler:
             cache=cache, window_BL=window_BL, length=length, logits_BV=logits_BV, row_keys=row_keys,
             drawn=jnp.zeros((), jnp.int32),
         )  # fmt: skip
-
-    def _refill_fn(self, params, state: DecodeState) -> DecodeState:
-        """The buffer is full: keep its last block_size - shift tokens, prefilled again from position 0."""
-        window_BL = jnp.roll(state.window_BL, -self.shift, axis=1)
-        kept = self.block_size - self.shift
-        cache, _ = self._fill(params, window_BL, kept, state.cache)
-        return state._replace(cache=cache, window_BL=window_BL, length=jnp.int32(kept))
 
     def _fill(self, params, window_BL, length, cache):
         """Run the window's positions 0 .. length-1 into the cache, one attention block of positions per
@@ -209,27 +283,75 @@ class Sampler:
         logits_BV = jnp.zeros((window_BL.shape[0], c.vocab_size), jnp.float32)
         return lax.fori_loop(0, (length + block - 1) // block, one_block, (cache, logits_BV))
 
-    def _decode_fn(self, params, state: DecodeState, n_steps, temperature, top_k, top_p):
+    def _step(self, params, s: DecodeState, temperature, top_k, top_p):
+        """One token per row, its keys and values written into the buffer: (state, tokens_B)."""
         from orpheus_jax.model import forward_cached
 
+        token_B = sample_tokens(
+            s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl), temperature, top_k, top_p
+        )
+        logits_B1V, cache = forward_cached(self.model_cfg, params, token_B[:, None], s.cache, s.length)
+        window_BL = lax.dynamic_update_slice(s.window_BL, token_B[:, None], (0, s.length))
+        s = s._replace(
+            cache=cache,
+            window_BL=window_BL,
+            length=s.length + 1,
+            logits_BV=logits_B1V[:, 0],
+            drawn=s.drawn + 1,
+        )
+        return s, token_B
+
+    def _decode_fn(self, params, state: DecodeState, n_steps, temperature, top_k, top_p):
         # No refill in here: a conditional around the buffers inside the loop made XLA copy them
         # every step (10x slower at batch 16); the caller refills between chunks instead.
         def body(i, carry):
             s, out_BC = carry
-            token_B = sample_tokens(
-                s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl), temperature, top_k, top_p
-            )
-            out_BC = lax.dynamic_update_slice(out_BC, token_B[:, None], (0, i))
-            logits_B1V, cache = forward_cached(self.model_cfg, params, token_B[:, None], s.cache, s.length)
-            window_BL = lax.dynamic_update_slice(s.window_BL, token_B[:, None], (0, s.length))
-            s = s._replace(
-                cache=cache, window_BL=window_BL, length=s.length + 1, logits_BV=logits_B1V[:, 0],
-                drawn=s.drawn + 1,
-            )  # fmt: skip
-            return s, out_BC
+            s, token_B = self._step(params, s, temperature, top_k, top_p)
+            return s, lax.dynamic_update_slice(out_BC, token_B[:, None], (0, i))
 
         out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk), jnp.int32)
         return lax.fori_loop(0, n_steps, body, (state, out_BC))
+
+    def _speculate_fn(self, params, index, state: DecodeState, n_target, temperature, top_k, top_p):
+        """Speculative passes (see the module's docstring) while fewer than n_target tokens are out and
+        K + 1 positions are free. Returns (state, tokens (B, chunk + K), [tokens out, passes])."""
+        from orpheus_jax.drafts import draft
+        from orpheus_jax.model import forward_cached
+
+        K, L = self.draft_len, self.block_size
+        sample = lambda logits_BV, keys_B: sample_tokens(logits_BV, keys_B, temperature, top_k, top_p)
+
+        def room(carry):
+            s, _, produced, _ = carry
+            return (produced < n_target) & (s.length + K + 1 <= L)
+
+        def one_pass(carry):
+            s, out_BC, produced, passes = carry
+            first_B = sample(s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl))
+            window_BL = lax.dynamic_update_slice(s.window_BL, first_B[:, None], (0, s.length))
+            drafts_BK, _ = draft(index, window_BL, s.length + 1, K)
+            tokens_BT = jnp.concatenate([first_B[:, None], drafts_BK], axis=1)  # T = K + 1
+            logits_BTV, cache = forward_cached(self.model_cfg, params, tokens_BT, s.cache, s.length)
+            # Draft j stands at position length + 1 + j: drawn with that position's key, as a step would.
+            keys_KB = jax.vmap(lambda j: token_keys(s.row_keys, s.drawn + 1 + j, self.prng_impl))(
+                jnp.arange(K)
+            )
+            checks_KB = jax.vmap(sample)(jnp.swapaxes(logits_BTV[:, :K], 0, 1), keys_KB)
+            kept_B = jnp.sum(jnp.cumprod(checks_KB.T == drafts_BK, axis=1), axis=1)
+            kept = jnp.min(kept_B).astype(jnp.int32)  # lockstep: the rows' smallest count
+            s = s._replace(
+                cache=cache, window_BL=lax.dynamic_update_slice(window_BL, tokens_BT, (0, s.length)),
+                length=s.length + 1 + kept, drawn=s.drawn + 1 + kept,
+                logits_BV=lax.dynamic_index_in_dim(logits_BTV, kept, axis=1, keepdims=False),
+            )  # fmt: skip
+            # All K + 1 tokens are written; those past the kept ones are overwritten by the next pass.
+            out_BC = lax.dynamic_update_slice(out_BC, tokens_BT, (0, produced))
+            return s, out_BC, produced + 1 + kept, passes + 1
+
+        out_BC = jnp.zeros((state.window_BL.shape[0], self.chunk + K), jnp.int32)
+        zero = jnp.zeros((), jnp.int32)
+        state, out_BC, produced, passes = lax.while_loop(room, one_pass, (state, out_BC, zero, zero))
+        return state, out_BC, jnp.stack([produced, passes])
 
     def start(self, prompt_ids, seed: int = 0, rows=None) -> tuple[DecodeState, int]:
         """Prefill the prompt (its last block_size tokens) for every row; rows: the row indices that pick
@@ -244,12 +366,20 @@ class Sampler:
         window_BL[:, : len(prompt)] = prompt
         state = self._program(
             "prefill", self.params, jax.device_put(window_BL, self._rows), np.int32(len(prompt)),
-            np.uint32(seed), jax.device_put(rows.astype(np.uint32), self._rows),
+            np.uint32(seed), jax.device_put(rows.astype(np.uint32), self._rows), np.int32(0),
         )  # fmt: skip
         return state, len(prompt)
 
     def refill(self, state: DecodeState) -> tuple[DecodeState, int]:
-        return self._program("refill", self.params, state), self.block_size - self.shift
+        """The buffer is full: keep its last block_size - shift tokens, prefilled again from position 0,
+        by the prefill program (one program fewer to compile and load); the next token is still drawn
+        from the logits over the whole buffer, with the state's keys."""
+        kept = self.block_size - self.shift
+        fresh = self._program(
+            "prefill", self.params, state.window_BL, np.int32(kept), np.uint32(0), self._row_zeros,
+            np.int32(self.shift),
+        )  # fmt: skip
+        return state._replace(cache=fresh.cache, window_BL=fresh.window_BL, length=fresh.length), kept
 
     def decode(self, state: DecodeState, n: int, temperature=1.0, top_k=0, top_p=1.0):
         """Draw n tokens per row, n <= chunk and n <= free buffer positions; returns (state, (B, n) NumPy)."""
@@ -261,23 +391,48 @@ class Sampler:
         settings = (np.int32(n), np.float32(temperature), np.int32(top_k), np.float32(top_p))
         return self._program("decode", self.params, state, *settings)
 
+    def _dispatch_speculate(self, state, n_target, temperature, top_k, top_p):
+        """speculate's call, not waited for: (state, tokens (B, chunk + K) on the device, counts), at
+        least n_target tokens unless the buffer fills first."""
+        settings = (np.int32(n_target), np.float32(temperature), np.int32(top_k), np.float32(top_p))
+        return self._program("speculate", self.params, self._index, state, *settings)
+
     def generate(
         self, prompt_ids, max_new_tokens: int, seed: int = 0, rows=None, temperature=1.0, top_k=0, top_p=1.0
     ):
         """Yield (B, n) NumPy arrays of new tokens, chunk by chunk, max_new_tokens in all.
 
         Each chunk is dispatched before the previous one is read back, so the device decodes while the
-        caller prints (a caller that stops early leaves at most one chunk's work undone)."""
+        caller prints (a caller that stops early leaves at most one chunk's work undone). A speculative
+        chunk's length is known only once it has run: the host waits for that count (not the tokens)
+        before dispatching the next chunk."""
         state, length = self.start(prompt_ids, seed, rows)
         remaining, chunk = max_new_tokens, min(FIRST_CHUNK, self.chunk)
         pending = None
         while remaining > 0:
             if length == self.block_size:
                 state, length = self.refill(state)
-            n = min(remaining, chunk, self.block_size - length)
-            state, tokens_BC = self._dispatch_decode(state, n, temperature, top_k, top_p)
+            # Plain steps: the first chunk (a kept sampler loads speculate meanwhile, `preload`), and the
+            # last positions before a refill, so that it falls where a plain sampler's does.
+            if self.draft_len and pending is not None and self.block_size - length > self.draft_len:
+                if "speculate" in self._loading:  # still loading: show the first chunk before waiting
+                    yield np.asarray(pending[0])[:, : pending[1]]
+                    pending = None
+                state, tokens_BC, counts = self._dispatch_speculate(
+                    state, min(remaining, chunk), temperature, top_k, top_p
+                )
+            else:
+                n = min(remaining, chunk, self.block_size - length)
+                state, tokens_BC = self._dispatch_decode(state, n, temperature, top_k, top_p)
+                counts = None
             if pending is not None:
                 yield np.asarray(pending[0])[:, : pending[1]]
+            if counts is not None:
+                produced, passes = (int(c) for c in np.asarray(counts))
+                self.stats["passes"] += passes
+                self.stats["tokens"] += produced
+                n = min(produced, remaining)
+                length += produced - n  # tokens past max_new_tokens: in the state, not yielded
             pending = (tokens_BC, n)
             remaining -= n
             length += n

@@ -2,12 +2,14 @@
 user cache so that a later `sample.py` with the same settings starts without importing Flax or Orbax,
 tracing or compiling.
 
-    <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle, refill.pickle
+    <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle, and for
+                                          speculative decoding speculate.pickle
     <user cache>/samplers/params/<key>.npz
 
-A programs key covers the run's config, the sampler's settings, the code that builds the programs,
-jax's version and the devices; a params key covers the checkpoint (its files' sizes and dates) and
-the weight type. The KEEP most recently used of each are kept.
+A programs key covers the run's config, the sampler's settings (the draft length and the draft
+index's size among them), the code that builds the programs, jax's version and the devices; a params
+key covers the checkpoint (its files' sizes and dates) and the weight type. The KEEP most recently
+used of each are kept.
 
 The cache is an optimisation: whatever goes wrong with it (a file where a folder should be, a full
 disk, a read-only folder, another process writing or evicting the same entry) costs start-up time and
@@ -98,6 +100,9 @@ class ProgramStore:
 
         return serialize_executable.deserialize_and_load(*payload)
 
+    def has(self, name: str) -> bool:
+        return os.path.exists(os.path.join(self.directory, f"{name}.pickle"))
+
     def save(self, name: str, compiled) -> None:
         from jax.experimental import serialize_executable
 
@@ -151,7 +156,7 @@ def cache_key(*parts) -> str:
     """A name for what depends on `parts` and on the code that builds the programs, jax and the devices."""
     here = os.path.dirname(os.path.abspath(__file__))
     code = hashlib.sha256()
-    for name in ("sampler.py", "model.py", "attention.py", "quantize.py"):
+    for name in ("sampler.py", "model.py", "attention.py", "quantize.py", "drafts.py"):
         with open(os.path.join(here, name), "rb") as f:
             code.update(f.read())
     device = jax.devices()[0]
@@ -163,24 +168,30 @@ def cache_key(*parts) -> str:
 
 def kept_sampler(
     workdir: str, step: int, *, batch_size: int, chunk: int = 64, shift: int | None = None,
-    weights: str = "float32", dtype: str | None = None, mesh=None,
+    weights: str = "float32", dtype: str | None = None, draft_len: int = 0, draft_index=None, mesh=None,
 ) -> Sampler:  # fmt: skip
     """A sampler for a run's checkpoint: loaded from the user cache when an earlier process kept one,
-    else built from the checkpoint, and kept."""
+    else built from the checkpoint, and kept. draft_len, draft_index: as Sampler's (the index is not
+    kept here: the run directory holds it)."""
+    from orpheus_jax.sampler import index_signature
     from orpheus_jax.sharding import make_mesh
 
     mesh = mesh or make_mesh()
     root = os.path.join(user_cache_dir(), "samplers")
     with open(rundir.config_path(workdir), "rb") as f:
         run_config = f.read().decode("utf-8", "replace")
-    settings = dict(batch_size=batch_size, chunk=chunk, shift=shift, weights=weights, dtype=dtype)
+    draft_index = draft_index if draft_len else None
+    settings = dict(
+        batch_size=batch_size, chunk=chunk, shift=shift, weights=weights, dtype=dtype, draft_len=draft_len,
+        draft_index=index_signature(draft_index),
+    )  # fmt: skip
     programs_dir = os.path.join(root, "programs", cache_key(run_config, settings, mesh.devices.size))
     params_file = os.path.join(root, "params", cache_key(rundir.fingerprint(workdir, step), weights) + ".npz")
     store = ProgramStore(programs_dir, root)
-    sampler = _load(store, params_file, mesh)
+    sampler = _load(store, params_file, mesh, draft_index)
     if sampler is not None:
         return sampler
-    sampler = _build(workdir, step, store, mesh, batch_size, chunk, shift, weights, dtype)
+    sampler = _build(workdir, step, store, mesh, settings, draft_index)
     if _write(
         os.path.join(programs_dir, "settings.json"), lambda f: f.write(json.dumps(sampler.settings).encode())
     ):
@@ -190,20 +201,22 @@ def kept_sampler(
     return sampler
 
 
-def _build(workdir, step, store, mesh, batch_size, chunk, shift, weights, dtype) -> Sampler:
+def _build(workdir, step, store, mesh, settings: dict, draft_index) -> Sampler:
     import dataclasses
 
     from orpheus_jax.checkpoint import load_run
 
     run = load_run(workdir, step)
+    dtype = settings["dtype"]
     model_cfg = dataclasses.replace(run.model_cfg, dtype=dtype) if dtype else run.model_cfg
     return Sampler(
-        model_cfg, run.params, batch_size=batch_size, chunk=chunk, shift=shift, prng_impl=run.cfg.prng_impl,
-        weights=weights, mesh=mesh, store=store,
+        model_cfg, run.params, batch_size=settings["batch_size"], chunk=settings["chunk"],
+        shift=settings["shift"], prng_impl=run.cfg.prng_impl, weights=settings["weights"],
+        draft_len=settings["draft_len"], draft_index=draft_index, mesh=mesh, store=store,
     )  # fmt: skip
 
 
-def _load(store: ProgramStore, params_file: str, mesh) -> Sampler | None:
+def _load(store: ProgramStore, params_file: str, mesh, draft_index) -> Sampler | None:
     """The kept sampler, or None if the cache holds none this process may load."""
     settings_file = os.path.join(store.directory, "settings.json")
     try:
@@ -220,9 +233,16 @@ def _load(store: ProgramStore, params_file: str, mesh) -> Sampler | None:
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # unreadable, or not our format
         warn(f"cannot read the kept sampler ({_reason(e)}); rebuilding it")
         return None
-    sampler = Sampler.from_settings(settings, params, store, mesh)
-    if not sampler.has_programs("prefill", "decode"):  # refill: when first needed
+    try:
+        sampler = Sampler.from_settings(settings, params, store, mesh, draft_index)
+    except (KeyError, TypeError, ValueError) as e:  # settings of another shape: not ours to load
+        warn(f"cannot use the kept sampler ({_reason(e)}); rebuilding it")
         return None
+    # Complete: every program is kept. The first chunk's wait; the rest load beside its decoding.
+    programs = sampler.programs()
+    if not all(store.has(name) for name in programs) or not sampler.has_programs(*programs[:2]):
+        return None
+    sampler.preload(*programs[2:])
     for path in (store.directory, params_file):
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used

@@ -235,6 +235,23 @@ def estimate_loss(
     return float(np.concatenate(losses)[:eval_iters].mean())
 
 
+def write_draft_index(workdir: str, train_tokens) -> None:
+    """<workdir>/drafts.npz, the draft index of the training split's first drafts.MAX_INDEX_TOKENS tokens,
+    unless the run has one. Sampling goes on without it (drafting from its own context), so a failure to
+    write it is one line, not the end of training."""
+    import os
+
+    from orpheus_jax import drafts
+
+    path = rundir.drafts_path(workdir)
+    if os.path.exists(path):
+        return
+    try:
+        drafts.save_index(path, drafts.build_index(np.asarray(train_tokens[: drafts.MAX_INDEX_TOKENS])))
+    except OSError as e:
+        tqdm.write(f"warning: cannot write the draft index {path} ({e.strerror or e}); sampling drafts less")
+
+
 @jax.jit
 def all_finite(tree) -> jax.Array:
     leaves = [
@@ -428,6 +445,10 @@ class Trainer:
         self.evals_since_best = self._evals_since_best()
         self.background = ThreadPoolExecutor(max_workers=1)  # each evaluation's sample and plot
         self.report = None  # the future of the last evaluation's sample and plot
+        # Beside the compilation, once per run: the draft index sample.py's speculative decoding reads.
+        self.index_job = (
+            self.background.submit(write_draft_index, workdir, train_tokens) if self.main else None
+        )
         self._announce(len(train_tokens), len(val_tokens))
 
     def _initial_state(self) -> TrainState:
@@ -475,6 +496,7 @@ class Trainer:
             print(
                 f"Already trained to step {self.step} (max_iters {cfg.max_iters}); raise --config.max_iters to continue."
             )
+            self._wait_index()
             return self.state
         self._compile()
         start_step = self.step
@@ -499,8 +521,14 @@ class Trainer:
             with self.timer.part("checkpoints"):
                 self.ckpt.wait()  # still under the stop handler: a Ctrl-C here cannot cut the save short
             self._finish_report()
+            self._wait_index()
         self._say_how_it_ended(start_step, early_stop)
         return self.state
+
+    def _wait_index(self) -> None:
+        if self.index_job is not None:
+            job, self.index_job = self.index_job, None
+            job.result()
 
     def _one_call(self) -> bool:
         """One train call, and the logs, evaluation and checkpoint due after it; True to stop early."""

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 from numpy.lib.stride_tricks import sliding_window_view
 
-from orpheus_jax.drafts import build_index, draft, lookup_text, lookup_window, reversed_suffix_array
+from orpheus_jax.drafts import (
+    build_index,
+    draft,
+    load_index,
+    lookup_text,
+    lookup_window,
+    reversed_suffix_array,
+    save_index,
+)
 from orpheus_jax.tokenizer import CharTokenizer
 
 K = 6  # drafts per row in the random tests
@@ -249,3 +257,41 @@ def test_index_round_trips_through_savez(tmp_path):
     after = jit_draft(on_device(loaded), window, np.int32(20), n_draft=K)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def test_without_an_index_the_context_alone_drafts():
+    """index None (a run without drafts.npz): the window's lookup, and with no match the last token."""
+    rng = np.random.default_rng(13)
+    window = rng.integers(0, 3, (6, 20)).astype(np.int32)
+    window[-1, :] = np.arange(20)  # no token repeats: no match anywhere
+    for length in (1, 4, 20):
+        drafts, match = jax.jit(draft, static_argnames=("n_draft", "max_match"))(
+            None, window, np.int32(length), n_draft=K
+        )
+        drafts, match = np.asarray(drafts), np.asarray(match)
+        for row in range(6):
+            context = window[row, :length]
+            m, ends = window_matches(context, 16)
+            assert match[row] == m
+            if m:
+                assert follows_window(drafts[row], context, ends)
+            else:
+                np.testing.assert_array_equal(drafts[row], context[-1])
+
+
+def test_save_and_load_index(tmp_path):
+    text = np.random.default_rng(6).integers(0, 5, 300).astype(np.uint8)
+    index = build_index(text)
+    path = str(tmp_path / "drafts.npz")
+    save_index(path, index)
+    loaded = load_index(path)
+    for name in index:
+        np.testing.assert_array_equal(loaded[name], index[name])
+        assert loaded[name].dtype == index[name].dtype
+    assert [p.name for p in tmp_path.iterdir()] == ["drafts.npz"]  # no temporary file left
+    np.savez(tmp_path / "other.npz", weights=np.zeros(3))
+    with pytest.raises(ValueError, match="not a draft index"):
+        load_index(str(tmp_path / "other.npz"))
+    np.savez(tmp_path / "short.npz", **dict(index, suffix_array=index["suffix_array"][:10]))
+    with pytest.raises(ValueError, match="not a draft index"):
+        load_index(str(tmp_path / "short.npz"))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from orpheus_jax.drafts import build_index
 from orpheus_jax.model import GPTConfig, decoding_weights, empty_buffers, forward, forward_cached, init_params
 from orpheus_jax.sampler import Sampler, filter_logits, sample_tokens
 
@@ -249,13 +250,15 @@ def test_one_compilation_serves_every_prompt_length(params):
 def test_every_product_of_the_programs_asks_for_full_float32_precision(params, weights):
     """On a GPU the default is TF32, which broke the cached-logits tests on an H100; a CPU multiplies
     float32 exactly either way, so what can be checked here is what each compiled program asks for."""
-    sampler = Sampler(CFG, params, batch_size=2, chunk=8, weights=weights)
-    cached_tokens(sampler, [1, 2, 3], 20, rows=[0, 1])  # prefill, decode and refill
-    for name in ("prefill", "decode", "refill"):
-        dots = [
-            line for line in sampler._compiled[name].as_text().splitlines() if re.search(r"= \S+ dot\(", line)
-        ]
-        assert dots and all("operand_precision={highest,highest}" in line for line in dots), name
+    plain = Sampler(CFG, params, batch_size=2, chunk=8, weights=weights)
+    index = build_index(np.arange(CFG.vocab_size))
+    spec = Sampler(CFG, params, batch_size=2, chunk=8, weights=weights, draft_len=3, draft_index=index)
+    for sampler in (plain, spec):
+        cached_tokens(sampler, [1, 2, 3], 20, rows=[0, 1])  # prefill (a refill too), decode or speculate
+        for name in sampler.programs():
+            text = sampler._compiled[name].as_text()
+            dots = [line for line in text.splitlines() if re.search(r"= \S+ dot\(", line)]
+            assert dots and all("operand_precision={highest,highest}" in line for line in dots), name
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 5, 20, 65])

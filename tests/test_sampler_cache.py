@@ -29,10 +29,12 @@ jax.monitoring.register_event_duration_secs_listener(
         compiles.append(event) if event.endswith("backend_compile_duration") else None))
 import numpy as np
 from orpheus_jax import rundir
+from orpheus_jax.drafts import load_index
 from orpheus_jax.sampler_cache import kept_sampler
-workdir, step, weights, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+workdir, step, weights, n, draft_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+index = load_index(rundir.drafts_path(workdir)) if draft_len else None
 sampler = kept_sampler(workdir, rundir.find_step(workdir, int(step) if step != "latest" else None),
-                       batch_size=2, weights=weights, chunk=8)
+                       batch_size=2, weights=weights, chunk=8, draft_len=draft_len, draft_index=index)
 tokens = np.concatenate(list(sampler.generate(np.array([1, 2, 3]), n, seed=5, rows=[3, 4])), axis=1)
 print(json.dumps({"tokens": tokens.tolist(), "compiles": len(compiles),
                   "model_built": sampler.model_cfg is not None,
@@ -40,12 +42,12 @@ print(json.dumps({"tokens": tokens.tolist(), "compiles": len(compiles),
 """
 
 
-def sample(workdir, cache, step="latest", weights="float32", n=40):
+def sample(workdir, cache, step="latest", weights="float32", n=40, draft_len=0):
     """40 new tokens (a refill included: the tiny run's block is 32) from a kept sampler, in a process
-    of its own; returns (its report, its stderr lines)."""
+    of its own (speculative with draft_len > 0: the same tokens); returns (its report, its stderr lines)."""
     env = {**os.environ, "ORPHEUS_CACHE": str(cache)}
     result = subprocess.run(
-        [sys.executable, "-c", SAMPLE, workdir, str(step), weights, str(n)], cwd=REPO, capture_output=True,
+        [sys.executable, "-c", SAMPLE, workdir, str(step), weights, str(n), str(draft_len)], cwd=REPO, capture_output=True,
         text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
@@ -132,17 +134,17 @@ def test_a_group_writable_file_is_never_loaded(tiny_run, expected, tmp_path):
 
 def test_a_new_checkpoint_never_evicts_the_programs_it_uses(tiny_run, expected, tmp_path):
     """A parameters miss (another step of the same run) with the programs folder the oldest of more than
-    KEEP: the eviction that follows must leave it, and the refill program compiled later lands in it."""
-    sample(tiny_run, tmp_path, n=4)  # prefill and decode kept; no refill yet
+    KEEP: the eviction that follows must leave it, and the program compiled later lands in it."""
+    sample(tiny_run, tmp_path, n=4, draft_len=4)  # prefill and decode kept (a first chunk); no speculate yet
     programs = tmp_path / "samplers" / "programs"
     (ours,) = os.listdir(programs)
     os.utime(programs / ours, (1, 1))  # the oldest
     for i in range(sampler_cache.KEEP):
         (programs / f"other{i}").mkdir(mode=0o700)
     first_step = rundir.complete_steps(rundir.checkpoints_dir(tiny_run))[0]
-    report, warnings = sample(tiny_run, tmp_path, step=first_step)  # a params miss; the refill is compiled
+    report, warnings = sample(tiny_run, tmp_path, step=first_step, draft_len=4)  # params miss: speculate kept
     assert report["tokens"] == expected[first_step, "float32"] and warnings == []
-    assert (programs / ours / "refill.pickle").exists()
+    assert (programs / ours / "speculate.pickle").exists()
     assert len(os.listdir(programs)) == sampler_cache.KEEP
 
 

@@ -47,8 +47,10 @@ def run_command(argv: list[str]) -> None:
     from orpheus_jax.user_cache import enable_compilation_cache
 
     enable_compilation_cache()
+    from orpheus_jax.cli.sample import run_draft_index
+
     run = load_run(args.workdir, args.step, sharding=replicated(make_mesh(jax.devices()[:1])))
-    streamer = app.TextStreamer(run)
+    streamer = app.TextStreamer(run, draft_index=run_draft_index(args.workdir, run.tokenizer.vocab_size))
     where = describe_step(args.workdir, run.step, args.step)
     print(f"OrpheusGPT: {where}, {run.tokenizer.vocab_size} characters, compiled", flush=True)
     app.launch(app.build_demo(streamer), args.host, args.port)

@@ -3,6 +3,7 @@
     orpheus-sample --workdir runs/iliad_char_cpu --prompt "Achilles" --max_new_tokens 300
     orpheus-sample --workdir runs/iliad_char_cpu --num_samples 4 --temperature 0.8 --top_k 20
     orpheus-sample --workdir runs/iliad_char_cpu --stream --stop '\n\n'    # up to the first blank line
+    orpheus-sample --workdir runs/iliad_char_cpu --draft none               # no speculative decoding
 
 Everything (config, vocabulary, weights) comes from the workdir. Samples are separated by a line of dashes.
 """
@@ -13,6 +14,7 @@ from orpheus_jax import OrpheusError
 from orpheus_jax.cli import add_step_argument, argument_parser, describe_step, run_main
 
 DASHES = "-" * 40
+DRAFT_LEN = 4  # the default --draft_len: the best or near it at batch 1 for every weight type (RESULTS)
 
 
 def parse_args(argv):
@@ -48,6 +50,21 @@ def parse_args(argv):
         "--dtype", choices=("float32", "bfloat16"), default=None, help="compute dtype (default: the run's)"
     )
     p.add_argument(
+        "--draft",
+        choices=("none", "ngram"),
+        default=None,
+        help="speculative decoding, the same text faster: 'ngram' drafts the next characters from the "
+        "training text (the run's drafts.npz) and from the prompt and text so far, and the model checks "
+        "them in one pass; 'none' decodes one character a step (default: ngram for one sample at a "
+        "time, none for --num_samples > 1 without --stream, where rows wait for each other)",
+    )
+    p.add_argument(
+        "--draft_len",
+        type=int,
+        default=DRAFT_LEN,
+        help="characters drafted and checked per pass (default %(default)s)",
+    )
+    p.add_argument(
         "--weights",
         choices=("float32", "bfloat16", "int8"),
         default="float32",
@@ -68,6 +85,8 @@ def parse_args(argv):
         raise OrpheusError(f"--num_samples must be positive, got {args.num_samples}")
     if not 0 <= args.seed < 2**32:
         raise OrpheusError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.draft_len < 1:
+        raise OrpheusError(f"--draft_len must be positive, got {args.draft_len}")
     if args.stop is not None:
         args.stop = decode_escapes(args.stop)
         if not args.stop:
@@ -92,6 +111,29 @@ def find_stop(prompt: str, text: str, stop: str, searched: int) -> int:
     return -1 if at < 0 else at + len(stop) - len(prompt)
 
 
+def run_draft_index(workdir: str, vocab_size: int):
+    """The run's draft index (drafts.npz, written by train.py), or None, with a note on stderr, when the
+    run has none (runs older than it, imported weights) or it is unusable: drafts then come from the
+    prompt and the text so far alone."""
+    import zipfile
+
+    from orpheus_jax import rundir
+    from orpheus_jax.drafts import load_index
+
+    path = rundir.drafts_path(workdir)
+    try:
+        index = load_index(path)
+        if int(index["text"].max()) >= vocab_size:
+            raise ValueError("its characters are not this run's")
+        return index
+    except FileNotFoundError:
+        why = "has no draft index (a run trained before train.py wrote one, or imported weights)"
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        why = f"has an unusable draft index ({e})"
+    print(f"note: {workdir} {why}: drafting from the prompt and the text so far only", file=sys.stderr)
+    return None
+
+
 def run_command(argv: list[str]) -> None:
     """The command on its arguments; errors for the user are OrpheusError."""
     args = parse_args(argv)
@@ -106,6 +148,7 @@ def run_command(argv: list[str]) -> None:
     # sampler must be built (a first run with these settings): see sampler_cache.kept_sampler.
     from orpheus_jax import config as config_lib
     from orpheus_jax import rundir
+    from orpheus_jax.sampler import max_draft_len
     from orpheus_jax.sampler_cache import kept_sampler
     from orpheus_jax.tokenizer import CharTokenizer
     from orpheus_jax.user_cache import enable_compilation_cache
@@ -123,6 +166,11 @@ def run_command(argv: list[str]) -> None:
 
     # Streaming shows one sample at a time (batch 1, the row's own key: the same text as batched).
     batches = [[r] for r in range(args.num_samples)] if args.stream else [list(range(args.num_samples))]
+    draft = args.draft or ("ngram" if len(batches[0]) == 1 else "none")
+    draft_len = args.draft_len if draft == "ngram" else 0
+    most = max_draft_len(cfg.block_size, cfg.get("kv_block", 64))  # model.GPTConfig's default kv_block
+    if draft_len > most:
+        raise OrpheusError(f"--draft_len must be at most {most} for this model, got {draft_len}")
     sampler = kept_sampler(
         args.workdir,
         step,
@@ -130,6 +178,8 @@ def run_command(argv: list[str]) -> None:
         shift=args.shift,
         weights=args.weights,
         dtype=args.dtype,
+        draft_len=draft_len,
+        draft_index=run_draft_index(args.workdir, tokenizer.vocab_size) if draft_len else None,
     )
     out = sys.stdout
     for b, rows in enumerate(batches):
