@@ -74,7 +74,8 @@ def write_best(workdir: str, step: int, val_loss: float) -> None:
 
 
 def find_step(workdir: str, step: int | str | None = None) -> int:
-    """The checkpoint step to use from a trained run, checked to exist: `step`, "best", or the latest (None)."""
+    """The checkpoint step to use from a trained run, checked to exist: `step`, "best", or the latest
+    (None)."""
     if not os.path.isdir(workdir):
         raise OrpheusError(f"no such workdir: {workdir}")
     directory = checkpoints_dir(workdir)

@@ -127,7 +127,7 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
         inputs_BT, targets_BT = (
             lax.with_sharding_constraint(a, batch) for a in data.inputs_targets(window_BW)
         )
-        # The parameters whole for the pass (a no-op unless FSDP); their gradient is summed back onto the shards.
+        # The parameters whole for the pass (a no-op unless FSDP); the gradient is summed onto the shards.
         whole = lambda p: lax.with_sharding_constraint(p, rep)
         loss_of = lambda p: loss_fn(model_cfg, whole(p), inputs_BT, targets_BT, dropout_key, False)
         return jax.value_and_grad(loss_of)(params)
@@ -429,9 +429,10 @@ class Trainer:
         if self.main:
             config_lib.save(cfg, self.tokenizer.vocab_size, rundir.config_path(workdir))
             self.tokenizer.save(rundir.tokenizer_path(workdir))
+        main = self.main
         self.metrics = metrics_lib.MetricsLog(
-            rundir.metrics_path(workdir) if self.main else None, self.resumed_from,
-            tensorboard_dir=workdir if self.main else None, plot_path=rundir.plot_path(workdir) if self.main else None,
+            rundir.metrics_path(workdir) if main else None, self.resumed_from,
+            tensorboard_dir=workdir if main else None, plot_path=rundir.plot_path(workdir) if main else None,
         )  # fmt: skip
         self.train_data, self.val_data = (
             data.place(t, mesh, cfg.device_data_budget, cfg.batch_size, cfg.block_size)
@@ -494,7 +495,8 @@ class Trainer:
         cfg = self.cfg
         if self.step >= cfg.max_iters:
             print(
-                f"Already trained to step {self.step} (max_iters {cfg.max_iters}); raise --config.max_iters to continue."
+                f"Already trained to step {self.step} (max_iters {cfg.max_iters}); "
+                "raise --config.max_iters to continue."
             )
             self._wait_index()
             return self.state
@@ -754,7 +756,8 @@ class Trainer:
             )
         else:
             print(
-                f"Stopped by {self.stop.signal} at step {step}, before training further: nothing new to save.",
+                f"Stopped by {self.stop.signal} at step {step}, before training further: "
+                "nothing new to save.",
                 flush=True,
             )
         print(self.timer.summary(), flush=True)

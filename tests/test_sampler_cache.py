@@ -31,7 +31,8 @@ import numpy as np
 from orpheus_jax import rundir
 from orpheus_jax.drafts import load_index
 from orpheus_jax.sampler_cache import kept_sampler
-workdir, step, weights, n, draft_len = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+workdir, step, weights = sys.argv[1:4]
+n, draft_len = int(sys.argv[4]), int(sys.argv[5])
 index = load_index(rundir.drafts_path(workdir)) if draft_len else None
 sampler = kept_sampler(workdir, rundir.find_step(workdir, int(step) if step != "latest" else None),
                        batch_size=2, weights=weights, chunk=8, draft_len=draft_len, draft_index=index)
@@ -47,8 +48,8 @@ def sample(workdir, cache, step="latest", weights="float32", n=40, draft_len=0):
     of its own (speculative with draft_len > 0: the same tokens); returns (its report, its stderr lines)."""
     env = {**os.environ, "ORPHEUS_CACHE": str(cache)}
     result = subprocess.run(
-        [sys.executable, "-c", SAMPLE, workdir, str(step), weights, str(n), str(draft_len)], cwd=REPO, capture_output=True,
-        text=True, timeout=300, env=env,
+        [sys.executable, "-c", SAMPLE, workdir, str(step), weights, str(n), str(draft_len)], cwd=REPO,
+        capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     report = json.loads(result.stdout.splitlines()[-1])
