@@ -98,7 +98,8 @@ def one_setting(args, report, samplers, prompt_ids, weights, batch, temperature)
         if k:
             report.add("x_draft_none", plain / median(samples), "", labels, note="median time of none / this")
             n_passes, n_tokens = passes[k]
-            report.add("acceptance", n_tokens / n_passes - 1, "", labels, note="drafts kept per pass")
+            if n_passes:  # none when every token came from the first chunk's plain steps
+                report.add("acceptance", n_tokens / n_passes - 1, "", labels, note="drafts kept per pass")
             same = float(np.mean((texts[k] == texts[0]).all(axis=1)))
             report.add("same_text", same, "", labels, note="share of rows equal to --draft none's")
 

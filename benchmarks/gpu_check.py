@@ -97,10 +97,11 @@ def summarize_training(records: list[dict], run_config: dict) -> dict:
     )  # fmt: skip
 
 
-def train_run(py: str, train_args: list[str], xla_flags: str | None = None) -> dict:
-    """train.py in a subprocess from cold caches: its figures."""
+def train_run(py: str, train_args: list[str], xla_flags: str | None = None, keep: str | None = None) -> dict:
+    """train.py in a subprocess from cold caches: its figures. keep: a run directory to train in and
+    leave behind (default: a temporary one)."""
     with tempfile.TemporaryDirectory(prefix="orpheus-gpu-check-") as tmp:
-        workdir = os.path.join(tmp, "run")
+        workdir = keep or os.path.join(tmp, "run")
         env = dict(os.environ, ORPHEUS_CACHE=os.path.join(tmp, "cache"))  # compile cold
         if xla_flags is not None:
             env["XLA_FLAGS"] = xla_flags
@@ -143,7 +144,8 @@ def steps(args, py: str, data: str, figures: dict, save) -> None:
         else ["--config", "iliad_char", "--config.dtype=bfloat16"]
     )
     base += ["--data", data]
-    figures["train"] = train_run(py, base)
+    kept_run = os.path.join(tempfile.gettempdir(), f"orpheus-gpu-check-run-{os.getpid()}")
+    figures["train"] = train_run(py, base, keep=kept_run)
     save()
     torch_reference(args, py, data, figures, save, ["fused_compiled"])
     if args.options:
@@ -151,11 +153,24 @@ def steps(args, py: str, data: str, figures: dict, save) -> None:
         save()
     exactness(args, py, data, figures)
     save()
+    speculative(args, py, kept_run, figures)
+    save()
     variants(args, py, base, figures, save)
     out, _ = run([py, "benchmarks/bench_sample.py", *sample_args(smoke)])
     figures["sample"] = [r for r in json_lines(out) if r.get("metric") == "tokens_per_s"]
     save()
     torch_reference(args, py, data, figures, save, ["seed"])
+
+
+def speculative(args, py: str, workdir: str, figures: dict) -> None:
+    """Batch-1 characters/s of --draft none against ngram on the default run's checkpoint (issue 21)."""
+    smoke_grid = ["--new", "40", "--chunk", "8", "--reps", "1", "--draft_len", "4"]
+    grid = smoke_grid if args.smoke else ["--reps", "3"]
+    out, _ = run(
+        [py, "benchmarks/bench_speculative.py", "--workdir", workdir, "--weights", "bfloat16", "--batch", "1",
+         "--temperature", "0.8", *grid]
+    )  # fmt: skip
+    figures["speculative"] = json_lines(out)
 
 
 def variants(args, py: str, base: list[str], figures: dict, save) -> None:
@@ -254,6 +269,9 @@ def report(figures: dict, smoke: bool) -> None:
             f"at step {o['best_step']}, "
             f"{fmt(o['tokens_per_s'], ',.0f')} tok/s"
         )
+    for r in figures.get("speculative", []):
+        if r.get("metric") == "tokens_per_s":
+            print(f"# speculative {json.dumps(r)}")
     if "exactness" in figures:
         print(f"# exactness tests on the device: {figures['exactness']['summary']}")
     for r in figures.get("sample", []):
