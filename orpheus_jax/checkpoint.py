@@ -246,16 +246,18 @@ def _silence_orbax_background_failures() -> None:
     possibly before the main thread learns of the failure: tensorstore's callbacks into Orbax's closed
     event loop surface as unraisable RuntimeErrors, and its failed write tasks, garbage-collected, as
     asyncio's "Task exception was never retrieved". Each prints a bare traceback. So from the first
-    Checkpointer on, drop those that come from Orbax (and only those); the caller reports one line."""
+    Checkpointer on, drop those that come from Orbax (and only those); the caller reports one line.
+    tensorstore calls the loop from native code: its unraisable error has no object and no Python
+    caller, its traceback starts in asyncio's call_soon_threadsafe."""
     if getattr(sys.unraisablehook, "_orpheus", False):
         return
     previous = sys.unraisablehook
 
     def hook(unraisable):
         exc = unraisable.exc_value
-        from_orbax = any(
-            _in_orbax(frame.filename) for frame in traceback.extract_tb(unraisable.exc_traceback)
-        )
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        from_native = unraisable.object is None and frames and frames[0].name == "call_soon_threadsafe"
+        from_orbax = from_native or any(_in_orbax(frame.filename) for frame in frames)
         if not (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and from_orbax):
             previous(unraisable)
 

@@ -55,7 +55,7 @@ def test_a_failed_restore_leaves_stderr_working(run_dir, tmp_path):
 # What a failed async save leaves behind: a write task and a future, failed in a module at argv[1], whose
 # failures nobody retrieves, and a callback into Orbax's event loop after it closed.
 _BACKGROUND_FAILURE = """
-import asyncio, gc, sys
+import asyncio, gc, sys, types
 from orpheus_jax.checkpoint import Checkpointer
 Checkpointer(sys.argv[2]).close()
 namespace = {}
@@ -78,6 +78,11 @@ class LateCallback:
 LateCallback()
 del task, future
 gc.collect()
+try:  # tensorstore's callback: native code calls the closed loop, no Python frame above asyncio's
+    loop.call_soon_threadsafe(print)
+except RuntimeError as e:
+    sys.unraisablehook(types.SimpleNamespace(
+        exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__.tb_next, err_msg=None, object=None))
 class OtherFailure:
     def __del__(self):
         raise ValueError("not ours to hide")
@@ -97,7 +102,8 @@ def test_orbax_failures_left_in_the_background_print_nothing_else(package, tmp_p
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert ("Event loop is closed" in result.stderr) == (package == "other")  # another library's: reported
+    # another library's: reported (once: the native caller's is dropped for both)
+    assert result.stderr.count("RuntimeError: Event loop is closed") == (package == "other")
     assert ("Task exception was never retrieved" in result.stderr) == (package == "other")
     assert ("Future exception was never retrieved" in result.stderr) == (package == "other")
     assert "ValueError: not ours to hide" in result.stderr

@@ -151,7 +151,7 @@ def test_a_new_checkpoint_never_evicts_the_programs_it_uses(tiny_run, expected, 
 
 def test_two_processes_building_the_same_sampler_at_once_both_sample(tiny_run, expected, tmp_path):
     env = {**os.environ, "ORPHEUS_CACHE": str(tmp_path)}
-    args = [sys.executable, "-c", SAMPLE, tiny_run, "latest", "float32", "40"]
+    args = [sys.executable, "-c", SAMPLE, tiny_run, "latest", "float32", "40", "0"]
     procs = [
         subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ]
