@@ -55,6 +55,9 @@ PRESET_WARMUP_FRACTION = _PRESET.warmup_iters / _PRESET.max_iters
 # loop reads anyway) and every evaluation falls on one: the windows then cover every training step.
 LOG_INTERVAL = 5
 
+# The baseline is the preset's shape with the seed's choices (the preset itself adopted some options);
+# every run starts from these keys, then sets its options'.
+SEED_CHOICES = {"pos_encoding": "learned", "mlp_activation": "relu", "qk_norm": False, "optimizer": "adamw"}
 # Each option alone, as the config keys it sets (Muon's rate from --muon_lrs).
 OPTIONS = {
     "baseline": {},
@@ -130,7 +133,7 @@ def launch(workdir: str, keys: dict, extra: list[str], cache: str, label: str):
     """Run train.py to the end; returns (eval lines as (wall_s, step, train loss, val loss), wall seconds)."""
     cmd = [
         sys.executable, "-u", os.path.join(_common.REPO, "train.py"), "--config", CONFIG,
-        "--workdir", workdir, "--data", _common.data_path(), *train_args(keys, extra),
+        "--workdir", workdir, "--data", _common.data_path(), *train_args({**SEED_CHOICES, **keys}, extra),
     ]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(

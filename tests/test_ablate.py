@@ -56,7 +56,11 @@ def test_ema_decay_auto_averages_over_a_tenth_of_the_run():
 def test_the_schedule_fills_the_budget_with_evenly_spaced_evaluations():
     plan = ablate.schedule(ablate.parse_args(["--budget_s", "150", "--evals", "5"]), rate=4.0)  # 600 steps
     assert plan == dict(
-        max_iters=600, eval_interval=120, checkpoint_interval=600, warmup_iters=24, log_interval=5
+        max_iters=600,
+        eval_interval=120,
+        checkpoint_interval=600,
+        log_interval=5,
+        warmup_iters=round(600 * 100 / 1600),  # the CPU preset's warmup share: 100 of its 1,600 steps
     )
     plan = ablate.schedule(ablate.parse_args(["--budget_s", "100", "--evals", "4"]), rate=1.37)  # 137 steps
     assert (plan["max_iters"], plan["eval_interval"]) == (140, 35)  # whole calls of 5 steps
