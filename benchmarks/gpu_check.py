@@ -187,8 +187,8 @@ def variants(args, py: str, base: list[str], figures: dict, save) -> None:
     }
     figures.setdefault("variants", {})
     for name, (extra, xla_flags) in runs.items():
-        if args.smoke and name == "pallas":
-            continue  # the interpreter on a CPU: minutes, and tested elsewhere
+        if args.smoke and name != "gather_deterministic":
+            continue  # one run checks the path (Pallas's interpreter on a CPU: minutes, tested elsewhere)
         figures["variants"][name] = train_run(
             py, base + short + extra, xla_flags.strip() if xla_flags else None
         )
