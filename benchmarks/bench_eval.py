@@ -4,8 +4,9 @@
     python benchmarks/bench_eval.py [--config iliad_char_cpu] [--reps 5] [-- --config.KEY=VALUE ...]
 
 "before": 10 batches per jitted call, one batch per forward pass (the loop's old EVAL_CHUNK);
-"after": up to 40 batches per call, EVAL_GROUP batches per forward pass (train.py today). The same
-keys draw the same windows in both, so the estimates agree (printed). Each figure is the median of
+"one_per_pass": up to 40 batches per call, one per forward pass (train.py on CPUs); "grouped": up to 40
+a call, EVAL_GROUP per forward pass (train.py on GPUs and TPUs). The same keys draw the same windows in
+all three, so the estimates agree (printed). Each figure is the median of
 --reps timed evaluations after one untimed (compile) run; the modes alternate.
 """
 
@@ -25,8 +26,8 @@ from orpheus_jax.sharding import make_mesh
 
 def evaluation(cfg, model_cfg, mesh, params, splits, per_call: int, group: int):
     """A function running one evaluation (both splits) with these batch groupings, and its result."""
-    train.EVAL_CALL_BATCHES, train.EVAL_GROUP = per_call, group
-    step = train.make_eval_step(cfg, model_cfg, mesh)
+    train.EVAL_CALL_BATCHES = per_call
+    step = train.make_eval_step(cfg, model_cfg, mesh, group)
 
     def run():
         key_train, key_val = jax.random.split(train.eval_key(cfg, 0))
@@ -51,7 +52,11 @@ def main():
     model_cfg = GPTConfig.from_run_config(cfg, tokenizer.vocab_size)
     params = init_params(model_cfg, jax.random.key(0))
     splits = [data.to_device(part, mesh) for part in data.split(tokens, cfg.val_fraction, cfg.block_size)]
-    modes = {"before": (10, 1), "after": (train.EVAL_CALL_BATCHES, train.EVAL_GROUP)}
+    modes = {
+        "before": (10, 1),
+        "one_per_pass": (train.EVAL_CALL_BATCHES, 1),
+        "grouped": (train.EVAL_CALL_BATCHES, train.EVAL_GROUP),
+    }
     runs = {
         name: evaluation(cfg, model_cfg, mesh, params, splits, *grouping) for name, grouping in modes.items()
     }
@@ -59,7 +64,7 @@ def main():
     times = {name: [] for name in runs}
     for _ in range(args.reps):
         for name, run in runs.items():
-            train.EVAL_CALL_BATCHES, train.EVAL_GROUP = modes[name]
+            train.EVAL_CALL_BATCHES = modes[name][0]
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
@@ -73,7 +78,8 @@ def main():
             f"# {name}: {medians[name]:.3f} s an evaluation (median of {args.reps}), "
             f"estimates {estimates[name]}"
         )
-    print(f"# after / before: {medians['after'] / medians['before']:.2f}")
+    for name in ("one_per_pass", "grouped"):
+        print(f"# {name} / before: {medians[name] / medians['before']:.2f}")
     print(
         json.dumps(
             dict(

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from orpheus_jax import OrpheusError, data
-from orpheus_jax.model import GPTConfig
+from orpheus_jax.model import GPTConfig, forward
 from orpheus_jax.optim import make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
@@ -55,6 +55,24 @@ def test_initial_loss_is_uniform(tiny_cfg, iliad_tokens):
         make_eval_step(tiny_cfg, model_cfg, make_mesh()), state.params, iliad_tokens, jax.random.key(0), 25
     )
     assert abs(loss - math.log(66)) < 0.05
+
+
+def test_grouped_evaluation_gives_each_batchs_own_loss(tiny_cfg, iliad_tokens):
+    """Batches run 4 to a forward pass (GPUs, TPUs) or one by one (CPUs): each key's loss is the loss
+    of that key's batch alone (its logits' integer-label cross-entropy)."""
+    model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
+    params = init_state(tiny_cfg, model_cfg, make_optimizer(tiny_cfg)).params
+    tokens = jnp.asarray(iliad_tokens[:20_000])
+    keys_E = jax.random.split(jax.random.key(3), 8)
+    B, T = tiny_cfg.batch_size, tiny_cfg.block_size
+    alone = []
+    for key in keys_E:
+        inputs_BT, targets_BT = data.inputs_targets(data.sample_windows(tokens, key, B, T))
+        logits_BTV = forward(model_cfg, params, inputs_BT)
+        alone.append(float(optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT).mean()))
+    for group in (4, 1):
+        losses = make_eval_step(tiny_cfg, model_cfg, make_mesh(), group)(params, tokens, keys_E)
+        np.testing.assert_allclose(np.asarray(losses), alone, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
