@@ -60,7 +60,7 @@ def test_the_schedule_fills_the_budget_with_evenly_spaced_evaluations():
         eval_interval=120,
         checkpoint_interval=600,
         log_interval=5,
-        warmup_iters=round(600 * 100 / 1600),  # the CPU preset's warmup share: 100 of its 1,600 steps
+        warmup_iters=round(600 * 100 / 1200),  # the CPU preset's warmup share: 100 of its 1,200 steps
     )
     plan = ablate.schedule(ablate.parse_args(["--budget_s", "100", "--evals", "4"]), rate=1.37)  # 137 steps
     assert (plan["max_iters"], plan["eval_interval"]) == (140, 35)  # whole calls of 5 steps
