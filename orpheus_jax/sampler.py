@@ -98,6 +98,18 @@ def max_draft_len(block_size: int, kv_block: int) -> int:
     return (kv_block if block_size % kv_block == 0 else block_size) - 2
 
 
+# A speculative pass has costs of its own (drafting, checks, more rows in every product) that a decode
+# step of a small model does not cover: measured in float32, drafting paid for the seed's 6 x 384 blocks
+# and for none of the smaller shapes (benchmarks/bench_draft_cost.py, RESULTS 2026-12-05).
+DRAFTING_MIN_MATMUL_PARAMS = 8_000_000
+
+
+def drafting_pays(n_layer: int, n_embd: int, batch_size: int) -> bool:
+    """Whether speculative decoding is the faster default: one sample at a time (rows of a batch wait for
+    the slowest) of a model whose blocks' products (12 n_embd^2 weights a layer) are large enough."""
+    return batch_size == 1 and 12 * n_layer * n_embd**2 >= DRAFTING_MIN_MATMUL_PARAMS
+
+
 def index_signature(index) -> list | None:
     """What a compiled program depends on of a draft index: its size and text type (None: no index)."""
     if index is None:

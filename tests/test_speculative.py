@@ -3,6 +3,7 @@ plain sampler's token for token (seeds, temperatures, top-k/top-p, batch 1 and 3
 the drafts are really kept (passes yield more than one token)."""
 
 import dataclasses
+import importlib
 import os
 import shutil
 
@@ -16,7 +17,7 @@ from orpheus_jax import data, rundir
 from orpheus_jax.checkpoint import load_run
 from orpheus_jax.drafts import build_index, load_index
 from orpheus_jax.model import GPTConfig, empty_buffers, forward, forward_cached, init_params
-from orpheus_jax.sampler import Sampler
+from orpheus_jax.sampler import Sampler, drafting_pays
 from orpheus_jax.sharding import make_mesh
 from orpheus_jax.tokenizer import CharTokenizer
 
@@ -141,6 +142,29 @@ def test_draft_len_is_checked(tiny):
         Sampler(
             run.model_cfg, run.params, batch_size=1, draft_len=run.model_cfg.block_size, draft_index=index
         )
+
+
+@pytest.mark.parametrize(
+    "config, batch, pays",
+    [("iliad_char", 1, True), ("iliad_char", 2, False), ("iliad_char_cpu", 1, False), ("tiny", 1, False)],
+)
+def test_drafting_is_the_default_for_one_sample_of_a_seed_sized_model(config, batch, pays):
+    """sample.py's and the demo's default --draft: measured faster for the seed's 6 x 384 blocks only."""
+    cfg = importlib.import_module(f"orpheus_jax.configs.{config}").get_config()
+    assert drafting_pays(cfg.n_layer, cfg.n_embd, batch) == pays
+
+
+def test_the_demo_streams_the_same_text_with_drafts(tiny):
+    """The demo drafts for seed-sized models (app.py's tests serve the tiny run, which does not): its
+    streamer's text is the same either way."""
+    from orpheus_jax.app import TextStreamer
+
+    run, index = tiny
+    plain, drafted = TextStreamer(run, draft_len=0), TextStreamer(run, draft_len=DRAFT_LEN, draft_index=index)
+    assert drafted.sampler.draft_len == DRAFT_LEN and plain.sampler.draft_len == 0
+    for seed, temperature in ((0, 0.8), (5, 1.0)):
+        texts = [list(s.stream(PROMPT, 120, temperature, seed=seed))[-1] for s in (plain, drafted)]
+        assert texts[0] == texts[1] and len(texts[0]) == len(PROMPT) + 120
 
 
 def test_a_pass_gives_a_steps_logits_and_buffer_to_float32_rounding():

@@ -47,10 +47,14 @@ def run_command(argv: list[str]) -> None:
     from orpheus_jax.user_cache import enable_compilation_cache
 
     enable_compilation_cache()
-    from orpheus_jax.cli.sample import run_draft_index
+    from orpheus_jax.cli.sample import DRAFT_LEN, run_draft_index
+    from orpheus_jax.sampler import drafting_pays
 
     run = load_run(args.workdir, args.step, sharding=replicated(make_mesh(jax.devices()[:1])))
-    streamer = app.TextStreamer(run, draft_index=run_draft_index(args.workdir, run.tokenizer.vocab_size))
+    # Speculative decoding where sample.py's default would use it (the demo streams one sample at a time).
+    draft_len = DRAFT_LEN if drafting_pays(run.model_cfg.n_layer, run.model_cfg.n_embd, 1) else 0
+    index = run_draft_index(args.workdir, run.tokenizer.vocab_size) if draft_len else None
+    streamer = app.TextStreamer(run, draft_len=draft_len, draft_index=index)
     where = describe_step(args.workdir, run.step, args.step)
     print(f"OrpheusGPT: {where}, {run.tokenizer.vocab_size} characters, compiled", flush=True)
     app.launch(app.build_demo(streamer), args.host, args.port)

@@ -56,7 +56,8 @@ def parse_args(argv):
         help="speculative decoding, the same text faster: 'ngram' drafts the next characters from the "
         "training text (the run's drafts.npz) and from the prompt and text so far, and the model checks "
         "them in one pass; 'none' decodes one character a step (default: ngram for one sample at a "
-        "time, none for --num_samples > 1 without --stream, where rows wait for each other)",
+        "time of a seed-sized or larger model, else none: drafting costs more than it saves for small "
+        "models, and rows of a batch wait for each other)",
     )
     p.add_argument(
         "--draft_len",
@@ -148,7 +149,7 @@ def run_command(argv: list[str]) -> None:
     # sampler must be built (a first run with these settings): see sampler_cache.kept_sampler.
     from orpheus_jax import config as config_lib
     from orpheus_jax import rundir
-    from orpheus_jax.sampler import max_draft_len
+    from orpheus_jax.sampler import drafting_pays, max_draft_len
     from orpheus_jax.sampler_cache import kept_sampler
     from orpheus_jax.tokenizer import CharTokenizer
     from orpheus_jax.user_cache import enable_compilation_cache
@@ -166,7 +167,7 @@ def run_command(argv: list[str]) -> None:
 
     # Streaming shows one sample at a time (batch 1, the row's own key: the same text as batched).
     batches = [[r] for r in range(args.num_samples)] if args.stream else [list(range(args.num_samples))]
-    draft = args.draft or ("ngram" if len(batches[0]) == 1 else "none")
+    draft = args.draft or ("ngram" if drafting_pays(cfg.n_layer, cfg.n_embd, len(batches[0])) else "none")
     draft_len = args.draft_len if draft == "ngram" else 0
     most = max_draft_len(cfg.block_size, cfg.get("kv_block", 64))  # model.GPTConfig's default kv_block
     if draft_len > most:
