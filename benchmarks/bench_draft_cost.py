@@ -20,13 +20,12 @@ import jax
 import numpy as np
 from _common import Report, median
 
+from orpheus_jax.cli.sample import DRAFT_LEN
 from orpheus_jax.configs import iliad_char_cpu
 from orpheus_jax.drafts import build_index
 from orpheus_jax.model import GPTConfig, init_params
-from orpheus_jax.sampler import Sampler
+from orpheus_jax.sampler import Sampler, blocks_matmul_params
 from orpheus_jax.sharding import make_mesh
-
-DRAFT_LEN = 4
 
 
 def samplers(shape: str, weights: str, vocab_size: int, index, mesh):
@@ -70,7 +69,7 @@ def main():
                 spent = time.perf_counter() - t0 - plain_steps * steps[-1]
                 passes.append(spent / max(drafted.stats["passes"], 1))
             step, one_pass = median(steps), median(passes)
-            matmul = 12 * model_cfg.n_layer * model_cfg.n_embd**2
+            matmul = blocks_matmul_params(model_cfg.n_layer, model_cfg.n_embd)
             labels = dict(weights=weights, shape=shape, matmul_params=f"{matmul / 1e6:.1f}M")
             report.add("step_ms", 1e3 * step, "ms", labels, [1e3 * s for s in steps])
             report.add("pass_ms", 1e3 * one_pass, "ms", labels, [1e3 * p for p in passes])

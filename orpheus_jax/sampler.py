@@ -104,10 +104,15 @@ def max_draft_len(block_size: int, kv_block: int) -> int:
 DRAFTING_MIN_MATMUL_PARAMS = 8_000_000
 
 
+def blocks_matmul_params(n_layer: int, n_embd: int) -> int:
+    """The weights of the blocks' products: 4 n_embd^2 in attention and 8 n_embd^2 in the MLP a layer."""
+    return 12 * n_layer * n_embd**2
+
+
 def drafting_pays(n_layer: int, n_embd: int, batch_size: int) -> bool:
     """Whether speculative decoding is the faster default: one sample at a time (rows of a batch wait for
-    the slowest) of a model whose blocks' products (12 n_embd^2 weights a layer) are large enough."""
-    return batch_size == 1 and 12 * n_layer * n_embd**2 >= DRAFTING_MIN_MATMUL_PARAMS
+    the slowest) of a model whose blocks' products are large enough."""
+    return batch_size == 1 and blocks_matmul_params(n_layer, n_embd) >= DRAFTING_MIN_MATMUL_PARAMS
 
 
 def index_signature(index) -> list | None:

@@ -188,7 +188,7 @@ def make_eval_step(cfg, model_cfg: GPTConfig, mesh, group: int | None = None):
     so the same estimate), scanned inside the one call."""
     batch, rep = batch_sharded(mesh), replicated(mesh)
     prepare(model_cfg)
-    most = eval_group(mesh) if group is None else group
+    max_group = eval_group(mesh) if group is None else group
 
     def eval_losses(params, source, keys_E):
         params = lax.with_sharding_constraint(params, rep)
@@ -197,7 +197,7 @@ def make_eval_step(cfg, model_cfg: GPTConfig, mesh, group: int | None = None):
             windows_EBW = source
         else:
             windows_EBW = jax.vmap(lambda key: data.sample_windows(source, key, B, T))(keys_E)
-        group = math.gcd(most, E)
+        group = math.gcd(max_group, E)
         windows_xRW = windows_EBW.reshape(E // group, group * B, T + 1)  # R = group * B rows
 
         def one_group(_, window_RW):
