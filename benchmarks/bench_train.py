@@ -25,7 +25,7 @@ from _common import Report, median
 
 from configs import iliad_char  # after _common, which puts the repository on sys.path
 from orpheus_jax import config as config_lib
-from orpheus_jax import data
+from orpheus_jax import data, host_memory
 from orpheus_jax.metrics import flops_per_token
 from orpheus_jax.model import GPTConfig, count_params
 from orpheus_jax.optim import make_optimizer
@@ -147,6 +147,7 @@ def main():
         if name not in PRESETS:
             ap.error(f"unknown config {name!r}; choose from {', '.join(PRESETS)}")
 
+    host_memory.keep_freed_memory()  # as train.py
     report = Report("train", **_common.machine_info())
     peak = {}
     # The peak is the better of XLA's default dot library and oneDNN (cpu_dots), so no setting flatters

@@ -14,7 +14,10 @@ sys.path.insert(0, REPO)
 
 import pytest
 
+from orpheus_jax import host_memory
 from orpheus_jax.user_cache import enable_compilation_cache
+
+host_memory.keep_freed_memory()  # as the command lines do: XLA:CPU's scratch buffers reused
 
 # Tests compile the same small programs again and again (every train() of configs/tiny.py): JAX's
 # persistent cache, under $ORPHEUS_CACHE as for train.py (CI gives the run a fresh one), shares them

@@ -85,26 +85,52 @@ def test_training_time_from_the_log_windows(tmp_path):
     assert ablate.train_windows(str(tmp_path)) == [(5, 5, 1.0), (10, 5, 2.0), (15, 5, 0.25), (20, 5, 0.5)]
 
 
+def test_the_table_gives_each_run_and_each_options_mean_over_the_seeds(capsys):
+    args = ablate.parse_args(["--budget_s", "10", "--evals", "2", "--seeds", "1,2"])
+    evals = lambda *vals: [dict(step=s, val_loss=v) for s, v in zip((0, 5, 10), vals)]
+    result = lambda option, seed, final: dict(
+        option=option, seed=seed, keys={}, evals=evals(4.2, 3.0, final), final_val=final, steps=10,
+        tokens_per_s=1000, train_s=10.0, process_s=15.0, timing=option,
+    )  # fmt: skip
+    results = [result("baseline", 1, 2.5), result("rope", 1, 2.0)]
+    results += [result("baseline", 2, 2.7), result("rope", 2, 2.2)]
+    ablate.report(args, results, {"baseline": 1.0, "rope": 0.9})
+    lines = capsys.readouterr().out.splitlines()
+    table = [line.split() for line in lines if line.startswith("# ")]
+    header = ["option", "seed", "val@5s", "val@10s", "final", "steps", "tok/s", "train_s", "proc_s"]
+    assert table[1][1:] == header
+    assert table[2][1:] == ["baseline", "1", "3.0000", "2.5000", "2.5000", "10", "1,000", "10.0", "15.0"]
+    means = {row[1]: row[2:] for row in table[7:]}
+    assert means == {
+        "baseline": ["2.6000", "(2.5000", "..", "2.7000);", "1.00", "steps/s"],
+        "rope": ["2.1000", "(2.0000", "..", "2.2000);", "0.90", "steps/s"],
+    }
+    records = [json.loads(line) for line in lines if not line.startswith("#")]
+    assert len([r for r in records if r["metric"] == "val_loss"]) == 12
+    assert [r["final_val"] for r in records if r["metric"] == "run"] == [2.5, 2.0, 2.7, 2.2]
+
+
 @pytest.mark.slow
 def test_a_smoke_run_prints_the_table_and_json(iliad_path, tmp_path):
-    """Two options, one seed, a tiny shape: a timing run and a timed run each."""
+    """One option, one seed, a tiny shape: a timing run and a timed run."""
     small = ["n_layer=1", "n_head=2", "n_embd=32", "block_size=32", "batch_size=8", "eval_iters=1"]
     result = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "ablate.py"), "--budget_s", "4", "--seeds", "2",
-         "--options", "baseline,rope", "--evals", "2", "--timing_steps", "20",
-         "--cache", str(tmp_path / "cache"), *[x for kv in small for x in ("--set", kv)]],
+         "--options", "rope", "--evals", "2", "--timing_steps", "20",
+         "--cache", str(tmp_path / "cache"), "--keep", str(tmp_path / "runs"),
+         *[x for kv in small for x in ("--set", kv)]],
         capture_output=True, text=True, timeout=600, env={**os.environ, "ORPHEUS_DATA": iliad_path},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("# ")]
-    rows = {line.split()[1]: line.split() for line in table[2:4]}
-    assert set(rows) == {"baseline", "rope"} and all(row[2] == "2" for row in rows.values())
+    table = [line.split() for line in result.stdout.splitlines() if line.startswith("# ")]
+    assert table[2][1:3] == ["rope", "2"]
     records = [json.loads(line) for line in result.stdout.splitlines() if not line.startswith("#")]
-    runs = {r["option"]: r for r in records if r["metric"] == "run"}
-    assert runs["rope"]["keys"] == {"pos_encoding": "rope"} and runs["baseline"]["keys"] == {}
-    for option, run in runs.items():
-        evals = [r for r in records if r["metric"] == "val_loss" and r["option"] == option]
-        assert [e["step"] for e in evals] == [0, run["steps"] // 2, run["steps"]]
-        assert evals[-1]["val_loss"] == run["final_val"] < evals[0]["val_loss"]  # it learned something
-        assert 0 < evals[1]["train_s"] < evals[2]["train_s"] == run["train_s"]
-        assert run["steps"] % 10 == 0 and run["tokens_per_s"] > 0
+    (run,) = [r for r in records if r["metric"] == "run"]
+    assert run["option"] == "rope" and run["keys"] == {"pos_encoding": "rope"}
+    with open(tmp_path / "runs" / "rope-seed2" / "config.json") as f:
+        assert json.load(f)["pos_encoding"] == "rope"  # the option reached train.py
+    evals = [r for r in records if r["metric"] == "val_loss"]
+    assert [e["step"] for e in evals] == [0, run["steps"] // 2, run["steps"]]
+    assert evals[-1]["val_loss"] == run["final_val"] < evals[0]["val_loss"]  # it learned something
+    assert 0 < evals[1]["train_s"] < evals[2]["train_s"] == run["train_s"]
+    assert run["steps"] % 10 == 0 and run["tokens_per_s"] > 0

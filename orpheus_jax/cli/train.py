@@ -20,7 +20,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from orpheus_jax import OrpheusError, configs, data, distributed
+from orpheus_jax import OrpheusError, configs, data, distributed, host_memory
 from orpheus_jax import config as config_lib
 from orpheus_jax.cli import seconds_since_launch
 from orpheus_jax.train import train
@@ -88,6 +88,7 @@ def join_run() -> None:
 def run_command() -> None:
     """The command: flags from sys.argv; errors for the user are OrpheusError."""
     launched_at = time.perf_counter() - seconds_since_launch()
+    host_memory.keep_freed_memory()  # before the first compiled call allocates
     sys.argv[1:] = resolve_config_names(sys.argv[1:])  # ml_collections loads the config by path
     join_run()
     if not distributed.is_main():  # one voice per run: process 0's (errors still reach stderr)
