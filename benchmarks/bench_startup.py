@@ -108,6 +108,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="orpheus-startup-") as tmp:
         if args.cold:  # a fresh cache: no compiled programs, no kept samplers
             os.environ["ORPHEUS_CACHE"] = tmp
+            os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
         first = timed_run(cmd, args.prompt.encode())
         runs = [timed_run(cmd, args.prompt.encode()) for _ in range(args.reps)]
     if args.cold:

@@ -96,6 +96,7 @@ def bench_compile(name: str, cfg, overrides: dict) -> dict:
     result = {}
     with tempfile.TemporaryDirectory(prefix="orpheus-bench-") as tmp:
         env = dict(os.environ, ORPHEUS_CACHE=os.path.join(tmp, "cache"))
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)  # else JAX's cache is the user's, warm
         for run in ("cold", "warm"):  # a new workdir each time, so the second run trains rather than resumes
             cmd = [
                 sys.executable,

@@ -97,12 +97,17 @@ def summarize_training(records: list[dict], run_config: dict) -> dict:
     )  # fmt: skip
 
 
-def train_run(py: str, train_args: list[str], xla_flags: str | None = None, keep: str | None = None) -> dict:
-    """train.py in a subprocess from cold caches: its figures. keep: a run directory to train in and
-    leave behind (default: a temporary one)."""
+def train_run(
+    py: str, train_args: list[str], xla_flags: str | None = None, keep: str | None = None, cold: bool = True
+) -> dict:
+    """train.py in a subprocess, from cold caches unless cold is False (the smoke mode: the caller's
+    caches): its figures. keep: a run directory to train in and leave behind (default: a temporary one)."""
     with tempfile.TemporaryDirectory(prefix="orpheus-gpu-check-") as tmp:
         workdir = keep or os.path.join(tmp, "run")
-        env = dict(os.environ, ORPHEUS_CACHE=os.path.join(tmp, "cache"))  # compile cold
+        env = dict(os.environ)
+        if cold:
+            env["ORPHEUS_CACHE"] = os.path.join(tmp, "cache")
+            env.pop("JAX_COMPILATION_CACHE_DIR", None)
         if xla_flags is not None:
             env["XLA_FLAGS"] = xla_flags
         out, wall = run([py, "train.py", *train_args, "--workdir", workdir], env=env)
@@ -145,11 +150,13 @@ def steps(args, py: str, data: str, figures: dict, save) -> None:
     )
     base += ["--data", data]
     kept_run = os.path.join(tempfile.gettempdir(), f"orpheus-gpu-check-run-{os.getpid()}")
-    figures["train"] = train_run(py, base, keep=kept_run)
+    figures["train"] = train_run(py, base, keep=kept_run, cold=not smoke)
     save()
     torch_reference(args, py, data, figures, save, ["fused_compiled"])
     if args.options:
-        figures["options"] = dict(args=args.options.split(), **train_run(py, base + args.options.split()))
+        figures["options"] = dict(
+            args=args.options.split(), **train_run(py, base + args.options.split(), cold=not smoke)
+        )
         save()
     exactness(args, py, data, figures)
     save()
@@ -190,7 +197,7 @@ def variants(args, py: str, base: list[str], figures: dict, save) -> None:
         if args.smoke and name != "gather_deterministic":
             continue  # one run checks the path (Pallas's interpreter on a CPU: minutes, tested elsewhere)
         figures["variants"][name] = train_run(
-            py, base + short + extra, xla_flags.strip() if xla_flags else None
+            py, base + short + extra, xla_flags.strip() if xla_flags else None, cold=not args.smoke
         )
         save()
 

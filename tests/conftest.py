@@ -15,13 +15,16 @@ sys.path.insert(0, REPO)
 import pytest
 
 from orpheus_jax import host_memory
-from orpheus_jax.user_cache import enable_compilation_cache
+from orpheus_jax.user_cache import compilation_cache_dir, enable_compilation_cache
 
 host_memory.keep_freed_memory()  # as the command lines do: XLA:CPU's scratch buffers reused
 
 # Tests compile the same small programs again and again (every train() of configs/tiny.py): JAX's
 # persistent cache, under $ORPHEUS_CACHE as for train.py (CI gives the run a fresh one), shares them
-# between tests, pytest-xdist workers and the processes the slow tests start.
+# between tests, pytest-xdist workers and the processes the slow tests start, also those given an
+# $ORPHEUS_CACHE of their own (through JAX's variable, which train.py honours). A test of the cache
+# itself sets JAX_COMPILATION_CACHE_DIR="" for its process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", compilation_cache_dir())
 enable_compilation_cache()
 
 

@@ -105,7 +105,7 @@ def test_train_step_is_kept_in_the_compilation_cache(small_text_path, tmp_path):
         "--config.eval_interval=1",
         "--config.checkpoint_interval=1",
         "--config.log_interval=1",
-        env={"ORPHEUS_CACHE": str(tmp_path)},
+        env={"ORPHEUS_CACHE": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": ""},
     )
     assert result.returncode == 0, result.stderr
     assert any(name.startswith("jit_train_steps-") for name in os.listdir(tmp_path / "xla"))
@@ -362,7 +362,7 @@ def test_stop_text_may_begin_in_the_prompt(trained):
     assert result.returncode == 0 and result.stdout == "Achilles" + free[:2] + "\n"
 
 
-def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
+def test_ctrl_c_during_an_evaluation_saves_the_step(trained, small_text_path, tmp_path):
     """A stop cuts a long evaluation short and saves the step it was at; a second Ctrl-C changes nothing."""
     workdir = str(tmp_path / "run")
     args = [
@@ -395,13 +395,10 @@ def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
     assert proc.returncode == 0 and "step 0: evaluation cut short by SIGINT" in out, err
     assert "nothing new to save" in out and not os.listdir(os.path.join(workdir, "checkpoints"))
 
-    # Now a long evaluation at step 20 of a run resumed from step 10 (resumed runs skip the step-0 one).
-    assert (
-        run(
-            "train.py", *TINY, "--workdir", workdir, "--data", small_text_path, "--config.max_iters=10"
-        ).returncode
-        == 0
-    )
+    # Now a long evaluation at step 40 of a run resumed from step 20 (resumed runs skip the step-0 one).
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(trained[0], resumed)
+    args[args.index(workdir)] = workdir = resumed
     proc = subprocess.Popen(
         [sys.executable, os.path.join(REPO, "train.py"), *args, "--config.log_interval=20"],
         cwd=REPO,
@@ -412,10 +409,10 @@ def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
     metrics = os.path.join(workdir, "metrics.jsonl")
     try:
         deadline = time.time() + 120
-        while not (os.path.exists(metrics) and '"step": 20, "loss"' in open(metrics).read()):
+        while not (os.path.exists(metrics) and '"step": 40, "loss"' in open(metrics).read()):
             assert time.time() < deadline and proc.poll() is None
             time.sleep(0.05)
-        time.sleep(0.5)  # well inside the long evaluation of step 20
+        time.sleep(0.5)  # well inside the long evaluation of step 40
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
@@ -423,9 +420,9 @@ def test_ctrl_c_during_an_evaluation_saves_the_step(small_text_path, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert "step 20: evaluation cut short by SIGINT" in out
-    assert "Stopped by SIGINT at step 20; checkpoint saved" in out
-    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20"]
+    assert "step 40: evaluation cut short by SIGINT" in out
+    assert "Stopped by SIGINT at step 40; checkpoint saved" in out
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "40"]
 
 
 @pytest.mark.parametrize(

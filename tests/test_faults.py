@@ -57,11 +57,11 @@ def wait_for_step(workdir, beyond, proc, timeout=120):
     raise AssertionError("the run did not get going")
 
 
-def test_divergence_stops_at_once_and_keeps_the_good_checkpoints(small_text_path, tmp_path):
+def test_divergence_stops_at_once_and_keeps_the_good_checkpoints(trained, small_text_path, tmp_path):
     workdir = str(tmp_path / "run")
+    shutil.copytree(trained[0], workdir)
     args = [*TINY, "--workdir", workdir, "--data", small_text_path]
-    assert run("train.py", *args, "--config.max_iters=40").returncode == 0
-    assert checkpoints(workdir) == [20, 30, 40]
+    assert checkpoints(workdir) == [10, 20]
 
     result = run(
         "train.py",
@@ -69,19 +69,20 @@ def test_divergence_stops_at_once_and_keeps_the_good_checkpoints(small_text_path
         "--config.max_iters=100",
         "--config.learning_rate=1e6",
         "--config.grad_clip=0",
-        "--config.lr_decay_iters=100",
-    )  # else the resumed run keeps its decayed schedule
+        "--config.lr_decay_iters=100",  # else the resumed run keeps its decayed schedule
+        "--config.keep_checkpoints=2",  # a save would rotate step 10 out
+    )
     assert_one_line_error(
-        result, "training diverged at step", "the last checkpoint, step 40, is good", "--config.learning_rate"
+        result, "training diverged at step", "the last checkpoint, step 20, is good", "--config.learning_rate"
     )
     assert "Done" not in result.stdout
-    assert checkpoints(workdir) == [20, 30, 40]  # nothing saved from a non-finite state, nothing rotated out
+    assert checkpoints(workdir) == [10, 20]  # nothing saved from a non-finite state, nothing rotated out
     strict_records(workdir)
 
     # The good checkpoint restores, and training resumes from it with a sane learning rate.
-    resumed = run("train.py", *args, "--config.max_iters=50")
+    resumed = run("train.py", *args, "--config.max_iters=30")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from step 40" in resumed.stdout and checkpoints(workdir)[-1] == 50
+    assert "resuming from step 20" in resumed.stdout and checkpoints(workdir)[-1] == 30
     losses = [r["loss"] for r in strict_records(workdir) if "loss" in r]
     assert all(isinstance(x, float) for x in losses)
 
@@ -142,7 +143,7 @@ def test_kill_9_at_random_moments_then_resume_logs_each_step_once(small_text_pat
     ]
     rng = random.Random(0)
     last = 0
-    for _ in range(3):
+    for _ in range(2):
         proc = start(*args)
         try:
             last = wait_for_step(workdir, last, proc)

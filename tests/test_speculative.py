@@ -260,7 +260,7 @@ def test_a_kept_program_built_after_an_int8_cast_still_runs_in_a_later_process(t
     """int8 weights are cast before any program compiles, which made JAX use its compilation cache for
     the whole process: --draft ngram's prefill then came from that cache (--draft none had put it
     there) and its kept copy failed to run in the next process ("Function ... not found")."""
-    env = {"ORPHEUS_CACHE": str(tmp_path)}
+    env = {"ORPHEUS_CACHE": str(tmp_path), "JAX_COMPILATION_CACHE_DIR": ""}  # the cache empty at first
     common = ["--workdir", tiny_run, "--prompt", PROMPT, "--max_new_tokens", "60", "--weights", "int8"]
     outs = [run("sample.py", *common, "--draft", draft, env=env) for draft in ("none", "ngram", "ngram")]
     for out in outs:
