@@ -1,5 +1,5 @@
-"""Draft tokens for exact speculative decoding, without a second network: copy what followed the
-context's longest suffix in the training text, or earlier in the row's own context.
+"""Draft tokens for exact speculative decoding, without a second network: what followed the context's
+longest suffix in the training text, or earlier in the row's own context.
 
 A speculative step drafts K tokens, verifies them in one forward pass and keeps those the model's own
 sampling agrees with, so drafts never change the output; they only need to be right often and to cost
@@ -21,6 +21,15 @@ best probe is enough. Why this structure:
 The suffix array is complete (sorted on whole suffixes), so any max_match works with one index.
 Cost inside a compiled decode loop on that CPU: ~20-25 us a call at batch 1, ~45-50 us at batch 16
 (the best of 100 loops; 2-4x that with other jobs on the 2 cores).
+
+Which continuation: the longest match may occur many times, going on differently. The suffixes next
+to the search's insertion point (NEIGHBOURS of them, read at once) hold up to that many occurrences;
+draft j is the next token, among the occurrences that go on as drafts 0 .. j-1 did, with the largest
+log(count) + perturbation. Without a perturbation that is the most frequent continuation. The sampler
+passes the Gumbel noise of the very draws that will check the drafts (times the temperature): the
+draft is then a draw from the continuations' counts coupled to the model's draw, equal to it whenever
+the two distributions agree around the noise, so drafts are kept at any temperature, not only when
+the model's likeliest token is drawn (the acceptance rule is unchanged, so the text is too).
 
 The match cap (max_match, default 16) bounds the gathers per probe. A character model's next characters
 depend on about the last word or two, and past 16 characters a longer match no longer picks a better
@@ -54,6 +63,8 @@ from orpheus_jax.fileio import atomic_file
 # suffix array, built in a few seconds; the Iliad has 0.7M.
 MAX_INDEX_TOKENS = 4 * 2**20
 INDEX_ARRAYS = ("text", "suffix_array", "most_frequent")
+# Suffixes read around the search's insertion point: the occurrences whose next tokens are counted.
+NEIGHBOURS = 32
 
 
 def _smallest_dtype(max_value: int):
@@ -122,21 +133,23 @@ def _reversed_context(window_BL, length, max_match: int):
 
 
 def _common_prefix(a_BM, q_BM, n_valid):
-    """(length of the common prefix of each row of a and q, capped at n_valid; a's row < q's row in
-    lexicographic order over the first n_valid columns). Plain min/any reductions: an argmax and
-    take_along_axis cost twice as much on XLA:CPU."""
-    M = q_BM.shape[1]
+    """(length of the common prefix of a and q along their last axis, capped at n_valid; a < q in
+    lexicographic order over the first n_valid tokens), for any leading axes that broadcast. Plain
+    min/any reductions: an argmax and take_along_axis cost twice as much on XLA:CPU."""
+    M = q_BM.shape[-1]
     j_M = jnp.arange(M, dtype=jnp.int32)
     differs_BM = (a_BM != q_BM) & (j_M < n_valid)
-    first_B = jnp.min(jnp.where(differs_BM, j_M, M), axis=1)  # M: no difference
-    less_B = jnp.any((j_M == first_B[:, None]) & (a_BM < q_BM), axis=1)
+    first_B = jnp.min(jnp.where(differs_BM, j_M, M), axis=-1)  # M: no difference
+    less_B = jnp.any((j_M == first_B[..., None]) & (a_BM < q_BM), axis=-1)
     return jnp.minimum(first_B, n_valid), less_B
 
 
-def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16):
+def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16, perturb_BKV=None):
     """The training text's part of `draft`: (drafts_BK, match_B), match_B the length of the context's
-    longest suffix (at most max_match) that occurs in the text, drafts_BK what followed one occurrence
-    of it (past the text's end: its last token)."""
+    longest suffix (at most max_match) that occurs in the text, drafts_BK what followed occurrences of it:
+    draft j is the next token of those occurrences (among the NEIGHBOURS suffixes around the search's
+    insertion point) whose earlier drafts it continues that maximizes log(count) + perturb_BKV[:, j, token]
+    (no perturbation: the most frequent; past the text's end an occurrence reads its last token)."""
     length = jnp.asarray(length, jnp.int32)
     q_BM, n_valid = _reversed_context(window_BL, length, max_match)
     text, suffix_array = jnp.asarray(index["text"]), jnp.asarray(index["suffix_array"])
@@ -145,12 +158,12 @@ def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16):
     offsets_M = jnp.arange(M)
 
     def reversed_text_at(p_B):  # reversed text from position p (text[n-1-p], text[n-2-p], ...), -1 past it
-        idx_BM = n - 1 - p_B[:, None] - offsets_M
+        idx_BM = n - 1 - p_B[..., None] - offsets_M
         tokens_BM = text.at[jnp.maximum(idx_BM, 0)].get(mode="promise_in_bounds").astype(jnp.int32)
         return jnp.where(idx_BM >= 0, tokens_BM, -1)
 
     def probe(_, carry):
-        lo_B, hi_B, best_B, best_p_B = carry
+        lo_B, hi_B, best_B = carry
         mid_B = lo_B + (hi_B - lo_B) // 2
         p_B = suffix_array.at[jnp.minimum(mid_B, n - 1)].get(mode="promise_in_bounds")
         common_B, less_B = _common_prefix(reversed_text_at(p_B), q_BM, n_valid)
@@ -159,16 +172,32 @@ def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16):
         hi_B = jnp.where(active_B & ~less_B, mid_B, hi_B)
         # The best match is next to the insertion point, and both neighbours are probed (a probe after
         # the search ends is a suffix too, so it cannot spoil the maximum).
-        better_B = common_B > best_B
-        return lo_B, hi_B, jnp.where(better_B, common_B, best_B), jnp.where(better_B, p_B, best_p_B)
+        return lo_B, hi_B, jnp.maximum(common_B, best_B)
 
     zeros_B = jnp.zeros((B,), jnp.int32)
-    init = (zeros_B, jnp.full((B,), n, jnp.int32), zeros_B - 1, zeros_B)
+    init = (zeros_B, jnp.full((B,), n, jnp.int32), zeros_B - 1)
     # Unrolled: XLA:CPU then runs the 20 probes of the Iliad 2x (batch 1) to 3x (batch 16) quicker.
-    _, _, match_B, p_B = lax.fori_loop(0, int(n).bit_length(), probe, init, unroll=True)
-    # The match ends at text position n - 1 - p: continue from n - p (past the end: the last token).
-    idx_BK = jnp.minimum(n - p_B[:, None] + jnp.arange(n_draft), n - 1)
-    return text.at[idx_BK].get(mode="promise_in_bounds").astype(jnp.int32), match_B
+    insert_B, _, match_B = lax.fori_loop(0, int(n).bit_length(), probe, init, unroll=True)
+    # The suffixes sharing the longest match sit next to the insertion point, on either side or both.
+    S = NEIGHBOURS
+    i_BS = jnp.clip(insert_B[:, None] - S // 2 + jnp.arange(S), 0, n - 1)
+    p_BS = suffix_array.at[i_BS].get(mode="promise_in_bounds")
+    common_BS, _ = _common_prefix(reversed_text_at(p_BS), q_BM[:, None], n_valid)
+    # An occurrence ends at text position n - 1 - p: its continuation starts at n - p.
+    idx_BSK = jnp.minimum(n - p_BS[..., None] + jnp.arange(n_draft), n - 1)
+    next_BSK = text.at[idx_BSK].get(mode="promise_in_bounds").astype(jnp.int32)
+    alive_BS = (common_BS >= match_B[:, None]) & (i_BS == insert_B[:, None] - S // 2 + jnp.arange(S))
+    drafts = []
+    for j in range(n_draft):
+        next_BS = next_BSK[:, :, j]
+        count_BS = jnp.sum((next_BS[:, :, None] == next_BS[:, None, :]) & alive_BS[:, None, :], axis=2)
+        score_BS = jnp.log(count_BS.astype(jnp.float32))
+        if perturb_BKV is not None:
+            score_BS += jnp.take_along_axis(perturb_BKV[:, j], next_BS, axis=1)
+        best_B = jnp.argmax(jnp.where(alive_BS, score_BS, -jnp.inf), axis=1)
+        drafts.append(jnp.take_along_axis(next_BS, best_B[:, None], axis=1)[:, 0])
+        alive_BS &= next_BS == drafts[-1][:, None]  # the occurrences that go on as drafted
+    return jnp.stack(drafts, axis=1), match_B
 
 
 def lookup_window(window_BL, length, n_draft: int, max_match: int = 16):
@@ -201,19 +230,22 @@ def lookup_window(window_BL, length, n_draft: int, max_match: int = 16):
     return jnp.take_along_axis(window_BL, jnp.clip(idx_BK, 0, L - 1), axis=1).astype(jnp.int32), match_B
 
 
-def draft(index, window_BL, length, n_draft: int, max_match: int = 16):
+def draft(index, window_BL, length, n_draft: int, max_match: int = 16, perturb_BKV=None):
     """Propose the n_draft tokens after each row's context window_BL[:, :length] (length >= 1, a traced
     int32 scalar or an int; positions from `length` on are ignored). Pure jnp: jit with n_draft and
     max_match static.
 
     index: build_index's arrays (on the device), or None to look in the context alone (a run without an
-    index; with no match there, the drafts repeat the last token). Returns (drafts_BK int32, match_B
-    int32), match_B the length of the longest suffix match used (0..min(length, max_match); 0: none)."""
+    index; with no match there, the drafts repeat the last token). perturb_BKV (float, V >= every token
+    id): added to the log-counts of the text's candidates (lookup_text), e.g. the Gumbel noise of the
+    draws that will check the drafts, times the temperature; None: no perturbation.
+    Returns (drafts_BK int32, match_B int32), match_B the length of the longest suffix match used
+    (0..min(length, max_match); 0: none)."""
     own_BK, own_match_B = lookup_window(window_BL, length, n_draft, max_match)
     if index is None:
         last_B1 = lax.dynamic_slice_in_dim(window_BL, jnp.asarray(length, jnp.int32) - 1, 1, axis=1)
         return jnp.where(own_match_B[:, None] > 0, own_BK, last_B1.astype(jnp.int32)), own_match_B
-    text_BK, text_match_B = lookup_text(index, window_BL, length, n_draft, max_match)
+    text_BK, text_match_B = lookup_text(index, window_BL, length, n_draft, max_match, perturb_BKV)
     use_text_B = text_match_B >= own_match_B
     drafts_BK = jnp.where(use_text_B[:, None], text_BK, own_BK)
     match_B = jnp.maximum(text_match_B, own_match_B)

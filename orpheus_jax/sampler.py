@@ -75,14 +75,28 @@ def filter_logits(logits_BV, top_k, top_p):
     return jnp.where(jnp.take_along_axis(keep_sorted_BV, rank_BV, axis=-1), logits_BV, -jnp.inf)
 
 
-def sample_tokens(logits_BV, keys_B, temperature, top_k, top_p):
-    """One token per row: argmax when temperature == 0, else a draw from the filtered distribution."""
+def gumbel_noise(keys_B, vocab_size: int):
+    """The noise of each row's draw, (B, V): a draw is the argmax of the scaled logits plus this noise
+    (the Gumbel-max trick, as jax.random.categorical draws), so the noise is known before the logits
+    are, which is what lets drafts follow the draws that will check them (draft's perturb_BKV)."""
+    return jax.vmap(lambda key: jax.random.gumbel(key, (vocab_size,)))(keys_B)
+
+
+def draw_tokens(logits_BV, noise_BV, temperature, top_k, top_p):
+    """One token per row: argmax when temperature == 0, else the draw from the filtered distribution
+    that the row's noise (gumbel_noise) makes."""
     scaled_BV = logits_BV / jnp.where(temperature > 0, temperature, 1.0)
     # The filter sorts every row: skip it when it would keep everything (the default).
     keep_all = lambda logits, *_: logits
     filtered_BV = lax.cond((top_k > 0) | (top_p < 1.0), filter_logits, keep_all, scaled_BV, top_k, top_p)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
+    drawn_B = jnp.argmax(filtered_BV + noise_BV, axis=-1)
     return jnp.where(temperature > 0, drawn_B, jnp.argmax(logits_BV, axis=-1)).astype(jnp.int32)
+
+
+def sample_tokens(logits_BV, keys_B, temperature, top_k, top_p):
+    """One token per row, drawn with the row's key (draw_tokens)."""
+    noise_BV = gumbel_noise(keys_B, logits_BV.shape[-1])
+    return draw_tokens(logits_BV, noise_BV, temperature, top_k, top_p)
 
 
 def token_keys(row_keys, index, prng_impl: str):
@@ -346,14 +360,19 @@ class Sampler:
             s, out_BC, produced, passes = carry
             first_B = sample(s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl))
             window_BL = lax.dynamic_update_slice(s.window_BL, first_B[:, None], (0, s.length))
-            drafts_BK, _ = draft(index, window_BL, s.length + 1, K)
-            tokens_BT = jnp.concatenate([first_B[:, None], drafts_BK], axis=1)  # T = K + 1
-            logits_BTV, cache = forward_cached(self.model_cfg, params, tokens_BT, s.cache, s.length)
             # Draft j stands at position length + 1 + j: drawn with that position's key, as a step would.
+            # Its noise is known now, so the drafts follow it: where the text's continuations are as
+            # likely as the model's, the draft is the draw (at any temperature), not just the likeliest.
             keys_KB = jax.vmap(lambda j: token_keys(s.row_keys, s.drawn + 1 + j, self.prng_impl))(
                 jnp.arange(K)
             )
-            checks_KB = jax.vmap(sample)(jnp.swapaxes(logits_BTV[:, :K], 0, 1), keys_KB)
+            noise_KBV = jax.vmap(gumbel_noise, in_axes=(0, None))(keys_KB, s.logits_BV.shape[-1])
+            perturb_BKV = jnp.swapaxes(noise_KBV, 0, 1) * jnp.maximum(temperature, 0.0)
+            drafts_BK, _ = draft(index, window_BL, s.length + 1, K, perturb_BKV=perturb_BKV)
+            tokens_BT = jnp.concatenate([first_B[:, None], drafts_BK], axis=1)  # T = K + 1
+            logits_BTV, cache = forward_cached(self.model_cfg, params, tokens_BT, s.cache, s.length)
+            draw = lambda logits_BV, noise_BV: draw_tokens(logits_BV, noise_BV, temperature, top_k, top_p)
+            checks_KB = jax.vmap(draw)(jnp.swapaxes(logits_BTV[:, :K], 0, 1), noise_KBV)
             kept_B = jnp.sum(jnp.cumprod(checks_KB.T == drafts_BK, axis=1), axis=1)
             kept = jnp.min(kept_B).astype(jnp.int32)  # lockstep: the rows' smallest count
             s = s._replace(

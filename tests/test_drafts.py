@@ -196,6 +196,46 @@ def test_jit_compiles_once_for_every_length():
     assert len(traces) == 1
 
 
+def continuation_counts(text, context, max_match):
+    """NumPy: {next token: count} over every occurrence of the context's longest suffix match."""
+    m, ends = text_matches(text, context, max_match)
+    return m, np.bincount([text[e + 1] for e in ends if e + 1 < len(text)], minlength=int(text.max()) + 1)
+
+
+def test_text_drafts_the_most_frequent_continuation_of_the_longest_match():
+    # "ab" goes on as "abc" three times, "abd" once, "abce" twice, "abcf" once: the drafts after a
+    # context ending in "ab" are c then e (a single occurrence would have drafted d or f as well).
+    a, b, c, d, e, f, x = range(7)
+    text = np.array([x, a, b, c, e, x, a, b, d, x, a, b, c, f, x, a, b, c, e, x], np.uint8)
+    window = np.array([[x, x, a, b] + [0] * 4], np.int32)
+    drafts, match = jit_text(on_device(build_index(text)), window, np.int32(4), n_draft=2, max_match=8)
+    assert int(match[0]) == 3 and np.asarray(drafts[0]).tolist() == [c, e]
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0])
+def test_drafts_perturbed_by_gumbel_noise_are_draws_of_the_texts_continuations(temperature):
+    """With the noise of a categorical draw (times the temperature), the first draft is that draw from
+    the continuations' counts: argmax(log count / T + noise), checked against NumPy for every key, and
+    over many keys its frequencies are the counts' tempered distribution."""
+    rng = np.random.default_rng(3)
+    text = rng.integers(0, 4, 120).astype(np.uint8)
+    context = text[40:43]  # 3 tokens: a match with several continuations
+    m, counts = continuation_counts(text, context, 16)
+    assert m == 3 and 1 < np.count_nonzero(counts) and counts.sum() <= 32  # all within the neighbours
+    n_keys = 4000
+    noise = np.asarray(jax.random.gumbel(jax.random.key(0), (n_keys, 1, 1, 4)))  # (keys, B, K, V)
+    window = np.zeros((1, 8), np.int32)
+    window[0, :3] = context
+    window, index = jnp.asarray(window), on_device(build_index(text))
+    lookup = jax.jit(jax.vmap(lambda g: lookup_text(index, window, np.int32(3), 1, perturb_BKV=g)))
+    drafts = np.asarray(lookup(jnp.asarray(noise * temperature))[0])[:, 0, 0]
+    with np.errstate(divide="ignore"):
+        expected = np.argmax(np.log(counts) / temperature + noise[:, 0, 0], axis=1)
+    np.testing.assert_array_equal(drafts, expected)
+    tempered = counts ** (1 / temperature) / np.sum(counts ** (1 / temperature))
+    np.testing.assert_allclose(np.bincount(drafts, minlength=4) / n_keys, tempered, atol=0.025)
+
+
 @pytest.fixture(scope="module")
 def iliad(iliad_path):
     with open(iliad_path, encoding="utf-8") as f:

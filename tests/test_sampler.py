@@ -201,6 +201,17 @@ def test_draws_follow_the_filtered_distribution():
     assert set(greedy.tolist()) == {1}
 
 
+def test_a_draw_is_jax_random_categoricals_draw():
+    """The sampler draws with explicit Gumbel noise (so that drafts can follow it): the same tokens as
+    jax.random.categorical with the same keys, so a seed's texts are those it gave before."""
+    logits = jax.random.normal(jax.random.key(1), (500, 66)) * 3
+    keys = jax.random.split(jax.random.key(2), 500)
+    for temperature in (0.8, 1.0):
+        tokens = sample_tokens(logits, keys, jnp.float32(temperature), jnp.int32(0), jnp.float32(1.0))
+        expected = jax.vmap(jax.random.categorical)(keys, logits / temperature)
+        np.testing.assert_array_equal(tokens, expected)
+
+
 def test_seeds_and_rows(params):
     sampler = Sampler(CFG, params, batch_size=8, chunk=8)
     rows = list(range(8))
