@@ -19,8 +19,6 @@ best probe is enough. Why this structure:
   - quick to build: prefix doubling with NumPy sorts, starting from the first tokens packed into one
     int64 key (9 tokens for 66 symbols), 6 sorts and 0.6 s for the Iliad on a 2-core CPU.
 The suffix array is complete (sorted on whole suffixes), so any max_match works with one index.
-Cost inside a compiled decode loop on that CPU: ~20-25 us a call at batch 1, ~45-50 us at batch 16
-(the best of 100 loops; 2-4x that with other jobs on the 2 cores).
 
 Which continuation: the longest match may occur many times, going on differently. The suffixes next
 to the search's insertion point (NEIGHBOURS of them, read at once) hold up to that many occurrences;
@@ -180,13 +178,14 @@ def lookup_text(index, window_BL, length, n_draft: int, max_match: int = 16, per
     insert_B, _, match_B = lax.fori_loop(0, int(n).bit_length(), probe, init, unroll=True)
     # The suffixes sharing the longest match sit next to the insertion point, on either side or both.
     S = NEIGHBOURS
-    i_BS = jnp.clip(insert_B[:, None] - S // 2 + jnp.arange(S), 0, n - 1)
+    wanted_BS = insert_B[:, None] - S // 2 + jnp.arange(S)
+    i_BS = jnp.clip(wanted_BS, 0, n - 1)
     p_BS = suffix_array.at[i_BS].get(mode="promise_in_bounds")
     common_BS, _ = _common_prefix(reversed_text_at(p_BS), q_BM[:, None], n_valid)
     # An occurrence ends at text position n - 1 - p: its continuation starts at n - p.
     idx_BSK = jnp.minimum(n - p_BS[..., None] + jnp.arange(n_draft), n - 1)
     next_BSK = text.at[idx_BSK].get(mode="promise_in_bounds").astype(jnp.int32)
-    alive_BS = (common_BS >= match_B[:, None]) & (i_BS == insert_B[:, None] - S // 2 + jnp.arange(S))
+    alive_BS = (common_BS >= match_B[:, None]) & (i_BS == wanted_BS)  # clipped: a duplicate
     drafts = []
     for j in range(n_draft):
         next_BS = next_BSK[:, :, j]

@@ -350,7 +350,7 @@ class Sampler:
         from orpheus_jax.model import forward_cached
 
         K, L = self.draft_len, self.block_size
-        sample = lambda logits_BV, keys_B: sample_tokens(logits_BV, keys_B, temperature, top_k, top_p)
+        draw = lambda logits_BV, noise_BV: draw_tokens(logits_BV, noise_BV, temperature, top_k, top_p)
 
         def room(carry):
             s, _, produced, _ = carry
@@ -358,7 +358,8 @@ class Sampler:
 
         def one_pass(carry):
             s, out_BC, produced, passes = carry
-            first_B = sample(s.logits_BV, token_keys(s.row_keys, s.drawn, self.prng_impl))
+            V = s.logits_BV.shape[-1]
+            first_B = draw(s.logits_BV, gumbel_noise(token_keys(s.row_keys, s.drawn, self.prng_impl), V))
             window_BL = lax.dynamic_update_slice(s.window_BL, first_B[:, None], (0, s.length))
             # Draft j stands at position length + 1 + j: drawn with that position's key, as a step would.
             # Its noise is known now, so the drafts follow it: where the text's continuations are as
@@ -366,12 +367,11 @@ class Sampler:
             keys_KB = jax.vmap(lambda j: token_keys(s.row_keys, s.drawn + 1 + j, self.prng_impl))(
                 jnp.arange(K)
             )
-            noise_KBV = jax.vmap(gumbel_noise, in_axes=(0, None))(keys_KB, s.logits_BV.shape[-1])
+            noise_KBV = jax.vmap(gumbel_noise, in_axes=(0, None))(keys_KB, V)
             perturb_BKV = jnp.swapaxes(noise_KBV, 0, 1) * jnp.maximum(temperature, 0.0)
             drafts_BK, _ = draft(index, window_BL, s.length + 1, K, perturb_BKV=perturb_BKV)
             tokens_BT = jnp.concatenate([first_B[:, None], drafts_BK], axis=1)  # T = K + 1
             logits_BTV, cache = forward_cached(self.model_cfg, params, tokens_BT, s.cache, s.length)
-            draw = lambda logits_BV, noise_BV: draw_tokens(logits_BV, noise_BV, temperature, top_k, top_p)
             checks_KB = jax.vmap(draw)(jnp.swapaxes(logits_BTV[:, :K], 0, 1), noise_KBV)
             kept_B = jnp.sum(jnp.cumprod(checks_KB.T == drafts_BK, axis=1), axis=1)
             kept = jnp.min(kept_B).astype(jnp.int32)  # lockstep: the rows' smallest count
