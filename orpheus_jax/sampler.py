@@ -39,7 +39,6 @@ processes, and the model (and Flax) is imported only where a program is built.
 
 import dataclasses
 import typing
-from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -200,14 +199,18 @@ class Sampler:
         self._row_zeros = jax.device_put(np.zeros(self.batch_size, np.uint32), self._rows)  # for refills
         self._store = store
         self._compiled = {}
-        self._loading = {}  # name: the future of a program being loaded from the store
         # Speculative passes so far and the tokens they yielded: drafts kept per pass = tokens / passes - 1.
         self.stats = {"passes": 0, "tokens": 0}
 
     def programs(self) -> tuple[str, ...]:
         """The programs a generation runs (a refill runs prefill again); the first two make its first
         chunk."""
-        return ("prefill", "decode", "speculate") if self.draft_len else ("prefill", "decode")
+        return self.programs_for(self.settings)
+
+    @staticmethod
+    def programs_for(settings: dict) -> tuple[str, ...]:
+        """programs() of a sampler with these settings."""
+        return ("prefill", "decode", "speculate") if settings.get("draft_len") else ("prefill", "decode")
 
     def use_params(self, params) -> None:
         """Decode with these parameters from now on (float32, as trained): cast, and placed as the
@@ -218,22 +221,30 @@ class Sampler:
 
     def has_programs(self, *names) -> bool:
         """Whether these programs are ready (compiled here or loaded from the store)."""
-        self.preload(*names)
-        for name in names:
-            if name in self._loading:
-                compiled = self._loading.pop(name).result()
+        missing = [name for name in names if name not in self._compiled]
+        if self._store is not None:
+            self._store.start(*missing)  # side by side
+            for name in missing:
+                compiled = self._store.load(name)
                 if compiled is not None:
                     self._compiled[name] = compiled
         return all(name in self._compiled for name in names)
 
+    def params_fit(self, name: str) -> bool:
+        """Whether the weights have the arrays, shapes and types that program `name` was compiled for."""
+        expected = self._compiled[name].args_info[0][0]  # its first argument: the weights
+        shape = lambda x: (tuple(x.shape), str(x.dtype))
+        return jax.tree.map(shape, self.params) == jax.tree.map(shape, expected)
+
     def preload(self, *names) -> None:
-        """Start loading these programs from the store, each on a thread of its own: loading is mostly
-        linking machine code, outside the GIL, so they load side by side and beside decoding."""
-        for name in names:
-            if name not in self._compiled and name not in self._loading and self._store is not None:
-                pool = ThreadPoolExecutor(max_workers=1)
-                self._loading[name] = pool.submit(self._store.load, name)
-                pool.shutdown(wait=False)  # its thread ends with the load
+        """Start loading these programs from the store (if kept there), beside whatever runs now."""
+        if self._store is not None:
+            self._store.start(*(name for name in names if name not in self._compiled))
+
+    def _ready(self, name: str) -> bool:
+        """Whether running program `name` now would not wait for its load from the store (it may
+        compile: a program not kept)."""
+        return name in self._compiled or self._store is None or self._store.ready(name)
 
     def _program(self, name: str, *args):
         """Run program `name`: compiled once per sampler (or loaded), and kept if the sampler has a store."""
@@ -444,16 +455,15 @@ class Sampler:
         before dispatching the next chunk."""
         state, length = self.start(prompt_ids, seed, rows)
         remaining, chunk = max_new_tokens, min(FIRST_CHUNK, self.chunk)
-        pending = None
+        pending, shown = None, False
         while remaining > 0:
             if length == self.block_size:
                 state, length = self.refill(state)
-            # Plain steps: the first chunk (a kept sampler loads speculate meanwhile, `preload`), and the
-            # last positions before a refill, so that it falls where a plain sampler's does.
-            if self.draft_len and pending is not None and self.block_size - length > self.draft_len:
-                if "speculate" in self._loading:  # still loading: show the first chunk before waiting
-                    yield np.asarray(pending[0])[:, : pending[1]]
-                    pending = None
+            # Plain steps (the same text): the first chunk, short chunks while a kept speculate program
+            # is still loading, and the last positions before a refill, so that it falls where a plain
+            # sampler's does.
+            speculating = self.draft_len and pending is not None and self._ready("speculate")
+            if speculating and self.block_size - length > self.draft_len:
                 state, tokens_BC, counts = self._dispatch_speculate(
                     state, min(remaining, chunk), temperature, top_k, top_p
                 )
@@ -463,6 +473,9 @@ class Sampler:
                 counts = None
             if pending is not None:
                 yield np.asarray(pending[0])[:, : pending[1]]
+                if not shown:  # the first characters are out: load the rest beside decoding
+                    self.preload(*self.programs()[2:])
+                    shown = True
             if counts is not None:
                 produced, passes = (int(c) for c in np.asarray(counts))
                 self.stats["passes"] += passes
@@ -472,5 +485,5 @@ class Sampler:
             pending = (tokens_BC, n)
             remaining -= n
             length += n
-            chunk = self.chunk
+            chunk = self.chunk if self._ready("speculate") else min(FIRST_CHUNK, self.chunk)
         yield np.asarray(pending[0])[:, : pending[1]]

@@ -4,7 +4,7 @@ tracing or compiling.
 
     <user cache>/samplers/programs/<key>/settings.json, prefill.pickle, decode.pickle, and for
                                           speculative decoding speculate.pickle
-    <user cache>/samplers/params/<key>.npz
+    <user cache>/samplers/params/<key>/<path of each array>.npy
 
 A programs key covers the run's config, the sampler's settings (the draft length and the draft
 index's size among them), the code that builds the programs, jax's version and the devices; a params
@@ -26,18 +26,19 @@ import os
 import pickle
 import shutil
 import sys
-import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import numpy as np
 
 from orpheus_jax import rundir
-from orpheus_jax.fileio import atomic_file, os_reason
+from orpheus_jax.fileio import atomic_file, os_reason, temporary_name
 from orpheus_jax.sampler import Sampler
 from orpheus_jax.user_cache import user_cache_dir
 
 KEEP = 8  # samplers kept: the most recently used
-BFLOAT16_TAG = "@bfloat16"  # np.savez cannot store bfloat16: such an array is kept as its uint16 bits
+BFLOAT16_TAG = "@bfloat16"  # np.save cannot store bfloat16: such an array is kept as its uint16 bits
+PATH_SEP = "."  # between the keys of an array's path in its file name
 
 _warned = set()
 
@@ -81,8 +82,28 @@ class ProgramStore:
 
     def __init__(self, directory: str, root: str):
         self.directory, self.root = directory, root
+        self._started = {}  # name: the future of a load begun by `start`
+
+    def start(self, *names) -> None:
+        """Begin loading these programs, each on a thread of its own: loading is mostly linking machine
+        code, outside the GIL, so they load side by side, beside reading the weights and decoding."""
+        for name in names:
+            if name not in self._started:
+                pool = ThreadPoolExecutor(max_workers=1)
+                self._started[name] = pool.submit(self._read, name)
+                pool.shutdown(wait=False)  # its thread ends with the load
+
+    def ready(self, name: str) -> bool:
+        """Whether `load` would return at once: its started load is done, or the program is not kept."""
+        future = self._started.get(name)
+        return future.done() if future is not None else not self.has(name)
 
     def load(self, name: str):
+        """The kept program (waiting for its started load), or None where none can be loaded."""
+        future = self._started.pop(name, None)
+        return future.result() if future is not None else self._read(name)
+
+    def _read(self, name: str):
         path = os.path.join(self.directory, f"{name}.pickle")
         try:
             check_trusted(path, self.root)
@@ -127,28 +148,62 @@ def _reason(e: Exception) -> str:
     return os_reason(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
 
 
-def save_params(path: str, params) -> bool:
-    flat = {}
-    for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-        name, x = "/".join(k.key for k in keys), np.asarray(x)
-        if x.dtype == jax.numpy.bfloat16:
-            name, x = name + BFLOAT16_TAG, x.view(np.uint16)
-        flat[name] = x
-    return _write(path, lambda f: np.savez(f, **flat))
+def save_params(directory: str, params) -> bool:
+    """Keep the weights as one .npy file per array in `directory` (written whole under a temporary name,
+    then renamed: another process sees all of it or none), so that loading maps them instead of reading
+    and copying them."""
+    tmp = temporary_name(directory)
+    try:
+        make_private_dirs(tmp)
+        for keys, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+            name, x = PATH_SEP.join(k.key for k in keys), np.asarray(x)
+            if x.dtype == jax.numpy.bfloat16:
+                name, x = name + BFLOAT16_TAG, x.view(np.uint16)
+            fd = os.open(os.path.join(tmp, name + ".npy"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as f:
+                np.save(f, x)
+        _replace_dir(tmp, directory)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):  # else: another process kept it meanwhile
+            where = os.path.dirname(directory)
+            warn(f"cannot keep the sampler in {where}: {_reason(e)}; sampling goes on without it")
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_params(path: str) -> dict:
+def _replace_dir(new: str, directory: str) -> None:
+    """Rename folder `new` to `directory`, moving aside (and removing) what is there: a reader finds the
+    old folder, none (a miss) or the new one. Processes that map the old files keep them."""
+    try:
+        os.rename(new, directory)
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        old = temporary_name(directory)
+        os.rename(directory, old)
+        try:
+            os.rename(new, directory)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def load_params(directory: str) -> dict:
+    """The weights save_params kept, memory-mapped (read-only; pages come from the OS's file cache)."""
     params = {}
-    with np.load(path) as saved:
-        for name in saved.files:
-            value = saved[name]
-            if name.endswith(BFLOAT16_TAG):
-                name, value = name.removesuffix(BFLOAT16_TAG), value.view(jax.numpy.bfloat16)
-            *parents, leaf = name.split("/")
-            node = params
-            for parent in parents:
-                node = node.setdefault(parent, {})
-            node[leaf] = value
+    for file_name in os.listdir(directory):
+        path = os.path.join(directory, file_name)
+        check_trusted(path, directory)
+        value = np.load(path, mmap_mode="r")
+        name = file_name.removesuffix(".npy")
+        if name.endswith(BFLOAT16_TAG):
+            name, value = name.removesuffix(BFLOAT16_TAG), value.view(jax.numpy.bfloat16)
+        *parents, leaf = name.split(PATH_SEP)
+        node = params
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
     return params
 
 
@@ -186,17 +241,17 @@ def kept_sampler(
         draft_index=index_signature(draft_index),
     )  # fmt: skip
     programs_dir = os.path.join(root, "programs", cache_key(run_config, settings, mesh.devices.size))
-    params_file = os.path.join(root, "params", cache_key(rundir.fingerprint(workdir, step), weights) + ".npz")
+    params_dir = os.path.join(root, "params", cache_key(rundir.fingerprint(workdir, step), weights))
     store = ProgramStore(programs_dir, root)
-    sampler = _load(store, params_file, mesh, draft_index)
+    sampler = _load(store, params_dir, mesh, draft_index)
     if sampler is not None:
         return sampler
     sampler = _build(workdir, step, store, mesh, settings, draft_index)
     if _write(
         os.path.join(programs_dir, "settings.json"), lambda f: f.write(json.dumps(sampler.settings).encode())
     ):
-        save_params(params_file, sampler.params)
-        for kind, ours in (("programs", programs_dir), ("params", params_file)):
+        save_params(params_dir, sampler.params)
+        for kind, ours in (("programs", programs_dir), ("params", params_dir)):
             evict(os.path.join(root, kind), KEEP, ours)
     return sampler
 
@@ -216,21 +271,28 @@ def _build(workdir, step, store, mesh, settings: dict, draft_index) -> Sampler:
     )  # fmt: skip
 
 
-def _load(store: ProgramStore, params_file: str, mesh, draft_index) -> Sampler | None:
+def _load(store: ProgramStore, params_dir: str, mesh, draft_index) -> Sampler | None:
     """The kept sampler, or None if the cache holds none this process may load."""
     settings_file = os.path.join(store.directory, "settings.json")
     try:
-        for path in (settings_file, params_file):
+        for path in (settings_file, params_dir):
             check_trusted(path, store.root)
         with open(settings_file) as f:
             settings = json.load(f)
-        params = load_params(params_file)
+        if not isinstance(settings, dict):
+            raise ValueError(f"{settings_file} holds no settings")
+        # Complete: every program is kept. The first chunk's load while the weights are read.
+        programs = Sampler.programs_for(settings)
+        if not all(store.has(name) for name in programs):
+            return None
+        store.start(*programs[:2])
+        params = load_params(params_dir)
     except (FileNotFoundError, NotADirectoryError):  # missing: nothing was kept there
         return None
     except Untrusted as e:
         warn(f"not loading the kept sampler: {e}; rebuilding it")
         return None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:  # unreadable, or not our format
+    except (OSError, ValueError, EOFError) as e:  # unreadable, or not our format
         warn(f"cannot read the kept sampler ({_reason(e)}); rebuilding it")
         return None
     try:
@@ -238,12 +300,12 @@ def _load(store: ProgramStore, params_file: str, mesh, draft_index) -> Sampler |
     except (KeyError, TypeError, ValueError) as e:  # settings of another shape: not ours to load
         warn(f"cannot use the kept sampler ({_reason(e)}); rebuilding it")
         return None
-    # Complete: every program is kept. The first chunk's wait; the rest load beside its decoding.
-    programs = sampler.programs()
-    if not all(store.has(name) for name in programs) or not sampler.has_programs(*programs[:2]):
+    if not sampler.has_programs(*programs[:2]):  # the rest load once the first chunk is out (generate)
         return None
-    sampler.preload(*programs[2:])
-    for path in (store.directory, params_file):
+    if not sampler.params_fit("prefill"):  # e.g. read while another process evicted them
+        warn(f"the kept weights in {params_dir} do not fit the kept programs; rebuilding them")
+        return None
+    for path in (store.directory, params_dir):
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used
     return sampler

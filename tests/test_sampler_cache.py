@@ -96,6 +96,28 @@ def test_a_damaged_program_is_built_again(tiny_run, expected, tmp_path):
     assert sample(tiny_run, tmp_path)[0]["compiles"] == 0  # and kept again
 
 
+def test_damaged_settings_are_written_again(tiny_run, expected, tmp_path):
+    sample(tiny_run, tmp_path, draft_len=2)
+    (settings,) = glob.glob(str(tmp_path / "samplers" / "programs" / "*" / "settings.json"))
+    with open(settings, "w") as f:
+        f.write("[1, 2]")  # JSON, but no settings
+    report, (line,) = sample(tiny_run, tmp_path, draft_len=2)
+    assert report["tokens"] == expected["latest", "float32"] and report["model_built"]
+    assert line.startswith("warning: cannot read the kept sampler (") and "holds no settings" in line
+    report, warnings = sample(tiny_run, tmp_path, draft_len=2)
+    assert warnings == [] and not report["model_built"] and report["compiles"] == 0
+
+
+def test_weights_that_do_not_fit_the_kept_programs_are_kept_again(tiny_run, expected, tmp_path):
+    sample(tiny_run, tmp_path)
+    (params,) = glob.glob(str(tmp_path / "samplers" / "params" / "*"))
+    os.remove(os.path.join(params, sorted(os.listdir(params))[0]))  # one array gone
+    report, (line,) = sample(tiny_run, tmp_path)
+    assert report["tokens"] == expected["latest", "float32"]
+    assert line.startswith("warning: the kept weights in") and "do not fit the kept programs" in line
+    assert sample(tiny_run, tmp_path)[1] == []  # kept whole again
+
+
 def test_a_regular_file_as_the_cache_costs_one_warning(tiny_run, expected, tmp_path):
     not_a_dir = tmp_path / "cache_file"
     not_a_dir.write_text("I am a file")

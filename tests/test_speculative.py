@@ -6,6 +6,8 @@ import dataclasses
 import importlib
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from orpheus_jax import data, rundir
 from orpheus_jax.checkpoint import load_run
 from orpheus_jax.drafts import build_index, load_index
 from orpheus_jax.model import GPTConfig, empty_buffers, forward, forward_cached, init_params
-from orpheus_jax.sampler import Sampler, drafting_pays
+from orpheus_jax.sampler import FIRST_CHUNK, Sampler, drafting_pays
 from orpheus_jax.sharding import make_mesh
 from orpheus_jax.tokenizer import CharTokenizer
 
@@ -242,6 +244,59 @@ def test_kept_speculative_sampler_loads_and_gives_the_same_text(tiny, tiny_run, 
     smaller = build_index(index["text"][:100])
     other = sampler_cache.kept_sampler(tiny_run, step, **dict(settings, draft_index=smaller))
     assert other.model_cfg is not None
+
+
+class GatedStore:
+    """A program store holding another sampler's compiled programs, whose load of speculate ends only
+    once `gate` is set (a slow disk, a large program)."""
+
+    def __init__(self, compiled: dict, gate: threading.Event):
+        self.compiled, self.gate, self.started, self.futures = compiled, gate, [], {}
+        self.pool = ThreadPoolExecutor()
+
+    def _read(self, name):
+        if name == "speculate":
+            self.gate.wait(timeout=60)
+        return self.compiled[name]
+
+    def has(self, name):
+        return name in self.compiled
+
+    def start(self, *names):
+        for name in names:
+            if name not in self.futures:
+                self.started.append(name)
+                self.futures[name] = self.pool.submit(self._read, name)
+
+    def ready(self, name):
+        return self.futures[name].done() if name in self.futures else not self.has(name)
+
+    def load(self, name):
+        return self.futures.pop(name).result() if name in self.futures else self._read(name)
+
+    def save(self, name, compiled):
+        raise AssertionError(f"{name} was compiled, not loaded")
+
+
+def test_a_kept_sampler_shows_its_first_chunk_then_decodes_on_while_speculate_loads(tiny, samplers):
+    run, index = tiny
+    _, spec = samplers(1)
+    ids = run.tokenizer.encode(PROMPT)
+    expected = tokens_of(spec, ids, 120, 7, [0], temperature=0.8)  # compiles spec's three programs
+    gate = threading.Event()
+    store = GatedStore(spec._compiled, gate)
+    kept = Sampler.from_settings(spec.settings, spec.params, store, make_mesh(jax.devices()[:1]), index)
+    chunks = kept.generate(ids, 120, 7, [0], temperature=0.8)
+    out = [next(chunks)]
+    assert store.started == ["prefill", "decode"]  # speculate's load starts once the first chunk is out
+    out += [next(chunks), next(chunks)]
+    assert store.started == ["prefill", "decode", "speculate"] and not store.ready("speculate")
+    assert kept.stats["passes"] == 0 and all(c.shape[1] <= FIRST_CHUNK for c in out)  # plain, short
+    gate.set()
+    store.futures["speculate"].result()
+    out += list(chunks)
+    np.testing.assert_array_equal(np.concatenate(out, axis=1), expected)
+    assert kept.stats["passes"] > 0  # speculative once loaded
 
 
 def test_settings_of_a_kept_sampler_name_its_index(tiny):
