@@ -459,10 +459,10 @@ class Sampler:
         while remaining > 0:
             if length == self.block_size:
                 state, length = self.refill(state)
-            # Plain steps (the same text): the first chunk, short chunks while a kept speculate program
-            # is still loading, and the last positions before a refill, so that it falls where a plain
-            # sampler's does.
-            speculating = self.draft_len and pending is not None and self._ready("speculate")
+            # Plain steps (the same text): short chunks until the first is shown (a first run compiles
+            # speculate after that) and while a kept speculate program is still loading, and the last
+            # positions before a refill, so that it falls where a plain sampler's does.
+            speculating = self.draft_len and shown and self._ready("speculate")
             if speculating and self.block_size - length > self.draft_len:
                 state, tokens_BC, counts = self._dispatch_speculate(
                     state, min(remaining, chunk), temperature, top_k, top_p
@@ -485,5 +485,6 @@ class Sampler:
             pending = (tokens_BC, n)
             remaining -= n
             length += n
-            chunk = self.chunk if self._ready("speculate") else min(FIRST_CHUNK, self.chunk)
+            plain_next = self.draft_len and not (shown and self._ready("speculate"))
+            chunk = min(FIRST_CHUNK, self.chunk) if plain_next else self.chunk
         yield np.asarray(pending[0])[:, : pending[1]]

@@ -299,6 +299,46 @@ def test_a_kept_sampler_shows_its_first_chunk_then_decodes_on_while_speculate_lo
     assert kept.stats["passes"] > 0  # speculative once loaded
 
 
+class EmptyStore:
+    """A program store that keeps nothing yet: it records what was compiled and saved, and when."""
+
+    def __init__(self):
+        self.saved = []
+
+    def start(self, *names):
+        pass
+
+    def has(self, name):
+        return False
+
+    def ready(self, name):
+        return True
+
+    def load(self, name):
+        return None
+
+    def save(self, name, compiled):
+        self.saved.append(name)
+
+
+def test_a_first_run_shows_its_first_chunk_before_compiling_speculate(tiny, samplers):
+    run, index = tiny
+    _, spec = samplers(1)
+    ids = run.tokenizer.encode(PROMPT)
+    expected = tokens_of(spec, ids, 120, 8, [0], temperature=0.8)
+    store = EmptyStore()
+    first_run = Sampler(
+        run.model_cfg, run.params, batch_size=1, chunk=16, prng_impl=run.cfg.prng_impl,
+        mesh=make_mesh(jax.devices()[:1]), draft_len=DRAFT_LEN, draft_index=index, store=store,
+    )  # fmt: skip
+    chunks = first_run.generate(ids, 120, 8, [0], temperature=0.8)
+    out = [next(chunks)]
+    assert store.saved == ["prefill", "decode"]  # speculate: compiled only after the first chunk is out
+    out += list(chunks)
+    assert store.saved == ["prefill", "decode", "speculate"] and first_run.stats["passes"] > 0
+    np.testing.assert_array_equal(np.concatenate(out, axis=1), expected)
+
+
 def test_settings_of_a_kept_sampler_name_its_index(tiny):
     run, index = tiny
     sampler = Sampler(run.model_cfg, run.params, batch_size=1, draft_len=4, draft_index=index)
