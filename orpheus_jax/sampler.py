@@ -221,10 +221,9 @@ class Sampler:
 
     def has_programs(self, *names) -> bool:
         """Whether these programs are ready (compiled here or loaded from the store)."""
-        missing = [name for name in names if name not in self._compiled]
-        if self._store is not None:
-            self._store.start(*missing)  # side by side
-            for name in missing:
+        self.preload(*names)  # side by side
+        for name in names:
+            if name not in self._compiled and self._store is not None:
                 compiled = self._store.load(name)
                 if compiled is not None:
                     self._compiled[name] = compiled
@@ -454,8 +453,7 @@ class Sampler:
         chunk's length is known only once it has run: the host waits for that count (not the tokens)
         before dispatching the next chunk."""
         state, length = self.start(prompt_ids, seed, rows)
-        remaining, chunk = max_new_tokens, min(FIRST_CHUNK, self.chunk)
-        pending, shown = None, False
+        remaining, pending, shown = max_new_tokens, None, False
         while remaining > 0:
             if length == self.block_size:
                 state, length = self.refill(state)
@@ -463,6 +461,8 @@ class Sampler:
             # speculate after that) and while a kept speculate program is still loading, and the last
             # positions before a refill, so that it falls where a plain sampler's does.
             speculating = self.draft_len and shown and self._ready("speculate")
+            short = not speculating if self.draft_len else pending is None
+            chunk = min(FIRST_CHUNK, self.chunk) if short else self.chunk
             if speculating and self.block_size - length > self.draft_len:
                 state, tokens_BC, counts = self._dispatch_speculate(
                     state, min(remaining, chunk), temperature, top_k, top_p
@@ -485,6 +485,4 @@ class Sampler:
             pending = (tokens_BC, n)
             remaining -= n
             length += n
-            plain_next = self.draft_len and not (shown and self._ready("speculate"))
-            chunk = min(FIRST_CHUNK, self.chunk) if plain_next else self.chunk
         yield np.asarray(pending[0])[:, : pending[1]]
