@@ -77,13 +77,30 @@ def apply_overrides(cfg, assignments: list[str]) -> dict:
 
 
 def machine_info() -> dict:
+    """What a figure was measured on. The processor's model too: "2 CPU cores" has meant an AMD EPYC
+    on one day and an Intel Xeon on another, whose figures differ by more than our changes do."""
     return dict(
         backend=jax.default_backend(),
+        device_kind=jax.devices()[0].device_kind,
         devices=jax.device_count(),
+        processor=processor_model(),
         cpus=os.cpu_count(),
         jax=jax.__version__,
         python=platform.python_version(),
     )
+
+
+def processor_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's model name as Linux reports it, else its architecture (x86_64, arm64, ...)."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.machine()  # not platform.processor(): on Linux it starts `uname -p`
 
 
 def fmt(value: float) -> str:

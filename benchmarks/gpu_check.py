@@ -317,9 +317,8 @@ def main():
                 json.dump(figures, f, indent=1)
 
     # Which device and software: from a subprocess, so this process never holds the accelerator.
-    out, _ = run([py, "-c", "import json, platform, jax; d = jax.devices()[0]; print(json.dumps(dict("
-                  "backend=jax.default_backend(), device_kind=d.device_kind, devices=jax.device_count(), "
-                  "jax=jax.__version__, python=platform.python_version())))"])  # fmt: skip
+    out, _ = run([py, "-c", "import json, sys; sys.path.insert(0, 'benchmarks'); import _common; "
+                  "print(json.dumps(_common.machine_info()))"])  # fmt: skip
     figures["machine"] = json_lines(out)[-1]
     steps(args, py, data, figures, save)
     figures.update(compare(figures))

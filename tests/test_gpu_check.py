@@ -84,6 +84,7 @@ def test_smoke_mode_runs_every_step_on_the_cpu(tmp_path, iliad_path):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures["mode"] == "smoke" and figures["machine"]["backend"] == "cpu"
+    assert figures["machine"]["processor"]  # which CPU ran the host's side of the figures
     assert figures["train"]["steps"] == 10 and figures["train"]["mfu"] is None  # no peak for a CPU
     assert 0 < figures["train"]["final_val_loss"] < 4.3 and figures["train"]["training_s"] > 0
     assert figures["train"]["breakdown"]["launch_to_done"] > figures["train"]["breakdown"]["compile"] > 0
