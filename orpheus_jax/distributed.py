@@ -80,7 +80,9 @@ class StopAgreement:
     by the time the loop reads that call's metrics anyway: no wait on the device is added. Every process
     reads the same answers at the same polls, so all stop after the same call.
 
-    With one process there is nothing to agree on: its own request is the answer, with no collective."""
+    With one process there is nothing to agree on: its own request is the answer, with no collective,
+    but it too is taken at polls only. A signal comes at any moment; read live, one arriving after a
+    call's decision not to save but before the loop's next look ended the run with no checkpoint."""
 
     def __init__(self, request, mesh):
         self._request = request
@@ -99,9 +101,10 @@ class StopAgreement:
 
     def poll(self) -> bool:
         """Share this process's request; true once any process's request has been agreed on."""
-        if self._single:
-            return self()
         value = signal.Signals[self._request.signal].value if self._request() else 0
+        if self._single:
+            self._agreed = max(self._agreed, value)
+            return self()
         if value not in self._cache:
             self._cache[value] = self._flags(value)
         answer = self._reduce(self._cache[value])
@@ -111,11 +114,9 @@ class StopAgreement:
         return self()
 
     def __call__(self) -> bool:
-        return self._request() if self._single else self._agreed > 0
+        return self._agreed > 0
 
     @property
     def signal(self) -> str | None:
         """The signal that stopped the run (on whichever process received it)."""
-        if self._single:
-            return self._request.signal
         return signal.Signals(self._agreed).name if self._agreed else None

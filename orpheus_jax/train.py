@@ -549,10 +549,10 @@ class Trainer:
         with self.timer.part("training"):
             self.state, call_metrics = self._train_call(n)
             self.unchecked.append((step, call_metrics))
-            self.stop.poll()
             self.step += n
             # At most two calls in flight: the device never idles, the host never runs far ahead.
             self._check_finite(keep_last=1)
+            self.stop.poll()  # after that wait, where a Ctrl-C most often lands: it stops after this call
         self.bar.update(n)
         at = lambda interval: self.step % interval == 0 or self.step == cfg.max_iters
         if at(cfg.log_interval):

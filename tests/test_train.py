@@ -344,6 +344,32 @@ def test_another_optimizer_is_refused_before_any_work(tiny_cfg, small_text_path,
     assert "move it aside" not in str(e.value)
 
 
+@pytest.mark.slow
+def test_ctrl_c_just_after_a_calls_save_decision_still_saves(
+    tiny_cfg, small_text_path, tmp_path, monkeypatch, capsys
+):
+    """A signal can come at any moment: one that lands after a call has decided not to save, before the
+    loop looks again, must still end with a checkpoint of the last step, as the run then says."""
+    import signal
+
+    from orpheus_jax import train as train_lib
+
+    one_call = train_lib.Trainer._one_call
+
+    def signal_after_step_3(self):
+        early_stop = one_call(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # handled here, by the run's own handler
+        return early_stop
+
+    monkeypatch.setattr(train_lib.Trainer, "_one_call", signal_after_step_3)
+    tiny_cfg.update(max_iters=20, eval_interval=10, checkpoint_interval=10)
+    step = int(train(tiny_cfg, str(tmp_path), small_text_path).step)
+    assert 3 <= step < 10
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [step]
+    assert f"Stopped by SIGINT at step {step}; checkpoint saved" in capsys.readouterr().out
+
+
 def scripted_val_losses(monkeypatch, val_by_step):
     """Evaluations report these validation losses (by step), whatever the weights: what a run that
     overfits shows, without training one that long."""
