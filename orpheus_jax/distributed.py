@@ -80,9 +80,9 @@ class StopAgreement:
     by the time the loop reads that call's metrics anyway: no wait on the device is added. Every process
     reads the same answers at the same polls, so all stop after the same call.
 
-    With one process there is nothing to agree on: its own request is the answer, with no collective,
-    but it too is taken at polls only. A signal comes at any moment; read live, one arriving after a
-    call's decision not to save but before the loop's next look ended the run with no checkpoint."""
+    With one process there is nothing to agree on: its own request is the answer, with no collective.
+    It too is taken at polls only, so every decision between two polls sees one answer (read live, a
+    signal landing between a call's save decision and the loop's next check ended the run unsaved)."""
 
     def __init__(self, request, mesh):
         self._request = request
