@@ -255,6 +255,23 @@ def test_bad_flags_and_config_values(args, words, tmp_path):
     assert_one_line_error(run("train.py", *config, *args, "--workdir", str(tmp_path)), words)
 
 
+def test_help_lists_the_flags_and_the_configs_keys_without_starting_a_backend():
+    """--help (absl's flags alone would call it an unknown flag) exits 0 with the usage, the flags and
+    every config key at the config's value, overrides applied; JAX_PLATFORMS=tpu fails any backend."""
+    from orpheus_jax.config import REQUIRED_KEYS
+
+    for args, name, n_layer in (
+        (["--help"], "iliad_char", 6),
+        (["--config", "tiny", "--config.n_layer=3", "-h"], "tiny", 3),
+    ):
+        result = run("train.py", *args, env={"JAX_PLATFORMS": "tpu"})
+        assert result.returncode == 0 and not result.stderr, result.stderr
+        out = result.stdout
+        assert "orpheus-train --config tiny" in out and "--workdir: Run directory" in out
+        assert f"as {name} sets them" in out and f"  n_layer = {n_layer}\n" in out
+        assert all(f"  {key} = " in out for key in REQUIRED_KEYS)
+
+
 def test_offline_with_nothing_cached_says_to_pass_data(tmp_path):
     env = {
         "ORPHEUS_DATA": "",

@@ -14,6 +14,7 @@ others) or --coordinator_address HOST:PORT --num_processes N --process_id I (see
 
 import os
 import sys
+import textwrap
 import time
 
 import jax
@@ -67,6 +68,7 @@ flags.DEFINE_integer(
     "Seconds of silence after which a process counts as dead and the run ends.",
 )
 FLAGS = flags.FLAGS
+HELP_FLAGS = ("-h", "--help", "--helpshort", "--helpfull")  # absl.app defines these; we parse alone
 
 
 def join_run() -> None:
@@ -85,18 +87,14 @@ def join_run() -> None:
     )
 
 
-def run_command() -> None:
-    """The command: flags from sys.argv; errors for the user are OrpheusError."""
-    launched_at = time.perf_counter() - seconds_since_launch()
-    host_memory.keep_freed_memory()  # before the first compiled call allocates
-    sys.argv[1:] = resolve_config_names(sys.argv[1:])  # ml_collections loads the config by path
-    join_run()
-    if not distributed.is_main():  # one voice per run: process 0's (errors still reach stderr)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+def load_config(default_path: str | None):
+    """The --config flag (default: default_path) and absl's flags parsed from sys.argv: the config with
+    its --config.KEY=VALUE overrides, or OrpheusError."""
     config_flags.DEFINE_config_file(
         "config",
-        default_config_path(),
-        f"A shipped config ({', '.join(configs.names())}) or a config file.",
+        default_path,
+        f"A shipped config ({', '.join(configs.names())}) or a config file; default: {configs.SEED} "
+        f"where JAX finds a GPU or TPU, else {configs.CPU}.",
         lock_config=True,
     )
     try:
@@ -110,6 +108,44 @@ def run_command() -> None:
     except Exception as e:  # the config file: missing, or raising when executed
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise OrpheusError(f"cannot load the config: {' '.join(lines[-2:])}") from None
+    return cfg
+
+
+def print_help() -> None:
+    """--help: the usage, this command's flags, and every key --config.KEY=VALUE sets, with its value in
+    the config given (default: the seed recipe; deciding the device's default would start a backend)."""
+    sys.argv = [arg for arg in sys.argv if arg not in HELP_FLAGS]
+    if not config_given(sys.argv):
+        sys.argv.append(f"--config={SEED_CONFIG}")
+    cfg = load_config(None)  # absl would print a default path: the rule is in the flag's text
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+    print(__doc__.strip() + "\n")
+    print("Flags:")
+    for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
+        default = "" if flag.default in (None, False) else f" (default: {flag.default})"
+        print(
+            textwrap.fill(
+                f"--{flag.name}: {flag.help}{default}", 100, initial_indent="  ", subsequent_indent="      "
+            )
+        )
+    print()
+    print(f"Config keys (--config.KEY=VALUE; docs/training.md explains each), as {name} sets them:")
+    for key, value in cfg.items():
+        print(f"  {key} = {value!r}")
+
+
+def run_command() -> None:
+    """The command: flags from sys.argv; errors for the user are OrpheusError."""
+    launched_at = time.perf_counter() - seconds_since_launch()
+    host_memory.keep_freed_memory()  # before the first compiled call allocates
+    sys.argv[1:] = resolve_config_names(sys.argv[1:])  # ml_collections loads the config by path
+    if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+        print_help()
+        return
+    join_run()
+    if not distributed.is_main():  # one voice per run: process 0's (errors still reach stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    cfg = load_config(default_config_path())
     config_lib.validate(cfg)
     config_file = config_flags.get_config_filename(FLAGS["config"])
     name = os.path.splitext(os.path.basename(config_file))[0]
