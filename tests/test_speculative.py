@@ -207,11 +207,9 @@ def test_sample_py_speculative_stop_streams_and_batches_equal_plain(tiny_run, tm
     """--stop, --stream and several samples through the command line, with and without drafts; and a run
     without drafts.npz (copied without it) says so once and prints the same."""
     common = ["--workdir", tiny_run, "--prompt", LONG_PROMPT, "--max_new_tokens", "200", "--num_samples", "3"]
-    for extra in (
-        ["--stop", " the"],
-        ["--stream", "--stop", "\\n"],
-        ["--temperature", "0"],
-        ["--top_k", "4"],
+    for extra in (  # batched greedy and streamed top-k sampling, each with a stop text
+        ["--stop", " the", "--temperature", "0"],
+        ["--stream", "--stop", "\\n", "--top_k", "4"],
     ):
         none = run("sample.py", *common, *extra, "--draft", "none")
         ngram = run("sample.py", *common, *extra, "--draft", "ngram", "--draft_len", "4")
