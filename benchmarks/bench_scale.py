@@ -51,7 +51,7 @@ from bench_train import PRESETS, make_config  # noqa: E402
 
 from orpheus_jax import data, distributed  # noqa: E402
 from orpheus_jax.model import GPTConfig  # noqa: E402
-from orpheus_jax.optim import make_optimizer  # noqa: E402
+from orpheus_jax.optim import hyperparams, make_optimizer  # noqa: E402
 from orpheus_jax.sharding import make_mesh  # noqa: E402
 from orpheus_jax.train import init_state, make_train_step, state_shardings  # noqa: E402
 
@@ -106,7 +106,7 @@ def main():
             )()
             train_tokens, _ = data.split(tokens.astype(np.uint8), cfg.val_fraction, cfg.block_size)
             source = data.to_device(train_tokens, mesh)
-            step = make_train_step(cfg, model_cfg, optimizer, mesh).lower(state, source, 1).compile()
+            step = make_train_step(cfg, model_cfg, mesh).lower(state, source, 1, hyperparams(cfg)).compile()
             labels = {"config": name, "param_sharding": param_sharding}
             report.add("param_bytes", device0_bytes(state.params), "B", labels)
             report.add("opt_state_bytes", device0_bytes(state.opt_state), "B", labels)

@@ -28,7 +28,7 @@ from orpheus_jax import config as config_lib
 from orpheus_jax import data, host_memory
 from orpheus_jax.metrics import flops_per_token
 from orpheus_jax.model import GPTConfig, count_params
-from orpheus_jax.optim import make_optimizer
+from orpheus_jax.optim import hyperparams, make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
 from orpheus_jax.train import ONEDNN_DOTS, init_state, jaxlib_has_onednn_dots, make_train_step
 
@@ -64,16 +64,15 @@ def bench_steady_state(cfg, tokens, vocab_size: int, n_steps: int, warmup_calls:
     n_params = count_params(state.params)
 
     t0 = time.perf_counter()
+    hp = hyperparams(cfg)
     train_step = (
-        make_train_step(cfg, model_cfg, optimizer, mesh)
-        .lower(state, train_data, cfg.steps_per_call)
-        .compile()
+        make_train_step(cfg, model_cfg, mesh).lower(state, train_data, cfg.steps_per_call, hp).compile()
     )
     compile_s = time.perf_counter() - t0
 
     def call():
         nonlocal state  # the step donates the state: keep only the newest
-        state, metrics = train_step(state, train_data)
+        state, metrics = train_step(state, train_data, hp)
         jax.block_until_ready(metrics)
 
     calls = max(1, -(-n_steps // cfg.steps_per_call))  # whole calls covering n_steps optimizer steps

@@ -26,7 +26,7 @@ from orpheus_jax import OrpheusError, WriteError, checkpoint, data, distributed,
 from orpheus_jax import config as config_lib
 from orpheus_jax import metrics as metrics_lib
 from orpheus_jax.model import GPTConfig, forward, init_params, matmul_params, prepare
-from orpheus_jax.optim import lr_schedule, make_optimizer
+from orpheus_jax.optim import hyperparams, lr_schedule, make_optimizer
 from orpheus_jax.sharding import batch_sharded, check_batch_divisible, make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
 
@@ -116,12 +116,13 @@ def compiler_options(cfg, mesh) -> dict:
     return ONEDNN_DOTS if cfg.cpu_dots == "onednn" and on_cpu and jaxlib_has_onednn_dots() else {}
 
 
-def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
-    """jit(state, train_source, n_steps) -> (state, {"loss", "grad_norm"} of each of the n_steps steps).
+def make_train_step(cfg, model_cfg: GPTConfig, mesh):
+    """jit(state, train_source, n_steps, hp) -> (state, {"loss", "grad_norm"} of each of the n_steps steps).
 
     train_source: the training split on every device (the step cuts its windows), or the windows of
     these n_steps steps cut on the host (windows_MGBW from data.HostSplit). n_steps is static
-    (steps_per_call, or fewer to land on an interval boundary after a resume)."""
+    (steps_per_call, or fewer to land on an interval boundary after a resume). hp: the optimizer's
+    numbers, optim.hyperparams(cfg)."""
     batch, rep = batch_sharded(mesh), replicated(mesh)
     prepare(model_cfg)
 
@@ -134,7 +135,7 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
         loss_of = lambda p: loss_fn(model_cfg, whole(p), inputs_BT, targets_BT, dropout_key, False)
         return jax.value_and_grad(loss_of)(params)
 
-    def one_step(state: TrainState, train_data, windows_GBW):
+    def one_step(state: TrainState, train_data, windows_GBW, hp):
         key = jax.random.wrap_key_data(state.rng, impl=cfg.prng_impl)
         batch_keys_G, dropout_keys_G = data.step_keys(key, state.step, cfg.grad_accum_steps)
 
@@ -155,22 +156,22 @@ def make_train_step(cfg, model_cfg: GPTConfig, optimizer, mesh):
             zeros = jax.tree.map(jnp.zeros_like, state.params)
             grads_sum, losses = lax.scan(accumulate, zeros, (batch_keys_G, dropout_keys_G, windows_GBW))
             loss, grads = losses.mean(), jax.tree.map(lambda g: g / cfg.grad_accum_steps, grads_sum)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        updates, opt_state = make_optimizer(cfg, hp).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = None if state.ema is None else ema_update(state.ema, params, cfg.ema_decay, state.step)
+        ema = None if state.ema is None else ema_update(state.ema, params, hp["ema_decay"], state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
         return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    def train_steps(state, train_source, n_steps):
+    def train_steps(state, train_source, n_steps, hp):
         # Several steps per call amortize dispatch for small models; the metrics come back stacked.
         on_host = train_source.ndim > 1  # windows_MGBW
-        step = lambda s, windows_GBW: one_step(s, None if on_host else train_source, windows_GBW)
+        step = lambda s, windows_GBW: one_step(s, None if on_host else train_source, windows_GBW, hp)
         return lax.scan(step, state, train_source if on_host else None, length=n_steps)
 
-    shardings = state_shardings(cfg, model_cfg, optimizer, mesh)
+    shardings = state_shardings(cfg, model_cfg, make_optimizer(cfg), mesh)
     # The source keeps the sharding it was placed with (data.to_device, or HostSplit's batch split).
     return jax.jit(
-        train_steps, static_argnums=2, in_shardings=(shardings, None), out_shardings=(shardings, rep),
+        train_steps, static_argnums=2, in_shardings=(shardings, None, rep), out_shardings=(shardings, rep),
         donate_argnums=0, compiler_options=compiler_options(cfg, mesh),
     )  # fmt: skip
 
@@ -433,6 +434,8 @@ class Trainer:
         self.model_cfg = GPTConfig.from_run_config(cfg, self.tokenizer.vocab_size)
         self.optimizer = make_optimizer(cfg)
         self.state = self._initial_state()
+        # The step's inputs, on every device once: a new learning rate or length compiles nothing.
+        self.hp = jax.tree.map(lambda v: data.to_device(v, mesh), hyperparams(cfg))
         self.main = distributed.is_main()
         if self.main:
             config_lib.save(cfg, self.tokenizer.vocab_size, rundir.config_path(workdir))
@@ -450,7 +453,7 @@ class Trainer:
         self.train_key = jax.random.wrap_key_data(np.asarray(self.state.rng), impl=cfg.prng_impl)
         self.step = int(self.state.step)
         self.unchecked = []  # (first step, metrics) of dispatched calls whose numbers the host has not read
-        self.schedule = lr_schedule(cfg)
+        self.schedule = lr_schedule(hyperparams(cfg))
         self.evals_since_best = self._evals_since_best()
         self.background = ThreadPoolExecutor(max_workers=1)  # each evaluation's sample and plot
         self.report = None  # the future of the last evaluation's sample and plot
@@ -575,7 +578,7 @@ class Trainer:
     def _compile(self) -> None:
         """The train step for steps_per_call, and beside it (a thread) the eval step for each split."""
         cfg, t0 = self.cfg, time.perf_counter()
-        self.jitted_train_step = make_train_step(cfg, self.model_cfg, self.optimizer, self.mesh)
+        self.jitted_train_step = make_train_step(cfg, self.model_cfg, self.mesh)
         jitted_eval_step = make_eval_step(cfg, self.model_cfg, self.mesh)
         keys = eval_keys(eval_key(cfg, 0), cfg.eval_iters)[0]
         sources = [
@@ -593,7 +596,7 @@ class Trainer:
         with ThreadPoolExecutor(max_workers=1) as pool:
             eval_compiled = pool.submit(compile_eval)
             n = cfg.steps_per_call
-            self.compiled = {n: self.jitted_train_step.lower(self.state, self._train_source(n), n).compile()}
+            self.compiled = {n: self._compiled_steps(n, self._train_source(n))}
             self.eval_compiled = eval_compiled.result()
         seconds = time.perf_counter() - t0
         self.timer.add("compile", seconds)
@@ -608,16 +611,19 @@ class Trainer:
             return self.train_data.train_windows(self.train_key, self.step, n, self.cfg.grad_accum_steps)
         return self.train_data
 
+    def _compiled_steps(self, n: int, source):
+        return self.jitted_train_step.lower(self.state, source, n, self.hp).compile()
+
     def _train_call(self, n: int):
         # Shorter calls land on a boundary that is not a multiple of steps_per_call (an interval, max_iters,
         # a resumed step); each new length compiles once, which the tokens/s of its window leaves out.
         source = self._train_source(n)
         if n not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[n] = self.jitted_train_step.lower(self.state, source, n).compile()
+            self.compiled[n] = self._compiled_steps(n, source)
             self.excluded += time.perf_counter() - t0
             self.timer.add("compile", time.perf_counter() - t0)
-        return self.compiled[n](self.state, source)
+        return self.compiled[n](self.state, source, self.hp)
 
     def _check_finite(self, keep_last: int = 0):
         """Read the numbers of all but the last keep_last unchecked calls; stop at a non-finite one.

@@ -18,7 +18,7 @@ from orpheus_jax import data
 from orpheus_jax.checkpoint import load_run
 from orpheus_jax.metrics import read_jsonl
 from orpheus_jax.model import GPTConfig
-from orpheus_jax.optim import make_optimizer
+from orpheus_jax.optim import hyperparams, make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
 from orpheus_jax.train import init_state, make_train_step, state_shardings, train
@@ -120,13 +120,13 @@ class Reference:
             lambda: init_state(cfg, model_cfg, optimizer),
             out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh),
         )()
-        self._step = make_train_step(cfg, model_cfg, optimizer, mesh)
+        self._step, self._hp = make_train_step(cfg, model_cfg, mesh), hyperparams(cfg)
         self._data = jax.device_put(train_tokens, replicated(mesh))
         self.losses, self.params = {}, {}
 
     def upto(self, step):
         while len(self.losses) < step:
-            self._state, metrics = self._step(self._state, self._data, 1)
+            self._state, metrics = self._step(self._state, self._data, 1, self._hp)
             n = len(self.losses) + 1
             self.losses[n] = float(metrics["loss"][0])
             self.params[n] = jax.tree.map(np.asarray, self._state.params)

@@ -50,7 +50,7 @@ def test_flops_per_token_is_close_to_what_xla_counts():
     products and the elementwise work, so it comes out a few percent higher."""
     from configs import tiny
     from orpheus_jax.model import GPTConfig, matmul_params
-    from orpheus_jax.optim import make_optimizer
+    from orpheus_jax.optim import hyperparams, make_optimizer
     from orpheus_jax.sharding import make_mesh
     from orpheus_jax.train import init_state, make_train_step
 
@@ -58,8 +58,12 @@ def test_flops_per_token_is_close_to_what_xla_counts():
     cfg.update(n_layer=2, n_head=2, n_embd=128, block_size=64, batch_size=8, dropout=0.0, cpu_dots="xla")
     model_cfg, optimizer = GPTConfig.from_run_config(cfg, 66), make_optimizer(cfg)
     state = jax.eval_shape(lambda: init_state(cfg, model_cfg, optimizer))
-    step = make_train_step(cfg, model_cfg, optimizer, make_mesh(jax.devices()[:1]))
-    cost = step.lower(state, jax.ShapeDtypeStruct((10_000,), np.int32), 1).compile().cost_analysis()
+    step = make_train_step(cfg, model_cfg, make_mesh(jax.devices()[:1]))
+    cost = (
+        step.lower(state, jax.ShapeDtypeStruct((10_000,), np.int32), 1, hyperparams(cfg))
+        .compile()
+        .cost_analysis()
+    )
     xla_per_token = (cost[0] if isinstance(cost, list) else cost)["flops"] / (cfg.batch_size * cfg.block_size)
     estimate = flops_per_token(cfg, matmul_params(state.params))
     assert 0.93 < estimate / xla_per_token < 1.0, (estimate, xla_per_token)

@@ -4,10 +4,11 @@ NumPy, nanoGPT's warmup formula, SVDs of Muon's updates."""
 import jax
 import numpy as np
 import optax
+import pytest
 
 from configs import orpheus_seed
 from orpheus_jax.model import GPTConfig, init_params
-from orpheus_jax.optim import lr_schedule, make_optimizer, muon_dimensions
+from orpheus_jax.optim import hyperparams, lr_schedule, make_optimizer, muon_dimensions
 from orpheus_jax.train import init_state
 
 CFG = GPTConfig(vocab_size=11, n_layer=2, n_head=2, n_embd=16, block_size=8)
@@ -69,17 +70,41 @@ def test_seed_recipe_is_adam_with_torch_defaults():
 
 def test_seed_recipe_learning_rate_is_constant():
     cfg = orpheus_seed.get_config()
-    schedule = lr_schedule(cfg)
+    schedule = lr_schedule(hyperparams(cfg))
     assert [float(schedule(i)) for i in (0, 1, 100, 2500, 4999, 5000, 9000)] == [np.float32(1e-3)] * 7
 
 
 def test_warmup_starts_above_zero_and_reaches_the_peak(tiny_cfg):
     tiny_cfg.update(learning_rate=1e-3, min_lr=1e-4, warmup_iters=5, max_iters=20, lr_decay_iters=0)
-    lr = lr_schedule(tiny_cfg)
+    lr = lr_schedule(hyperparams(tiny_cfg))
     # Update i uses lr * (i + 1) / warmup, as nanoGPT: the first update is not wasted at lr 0.
     np.testing.assert_allclose([float(lr(i)) for i in range(5)], [2e-4, 4e-4, 6e-4, 8e-4, 1e-3], rtol=1e-6)
     np.testing.assert_allclose(float(lr(19)), 1e-4, rtol=1e-6)  # the update that ends the run: min_lr
     assert all(float(lr(i)) >= float(lr(i + 1)) for i in range(4, 30))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(warmup_iters=5, max_iters=20, lr_decay_iters=0),  # decay ends with the run
+        dict(warmup_iters=0, max_iters=100, lr_decay_iters=60),  # then flat at min_lr
+        dict(warmup_iters=30, max_iters=20, lr_decay_iters=0),  # a run shorter than its warmup
+    ],
+)
+def test_the_schedule_is_optaxs_warmup_cosine_one_update_ahead(tiny_cfg, settings):
+    tiny_cfg.update(learning_rate=2e-3, min_lr=1e-4, **settings)
+    decay_iters = tiny_cfg.lr_decay_iters or tiny_cfg.max_iters
+    reference = optax.warmup_cosine_decay_schedule(
+        init_value=0.0 if tiny_cfg.warmup_iters else 2e-3,
+        peak_value=2e-3,
+        warmup_steps=tiny_cfg.warmup_iters,
+        decay_steps=max(decay_iters, tiny_cfg.warmup_iters + 1),
+        end_value=1e-4,
+    )
+    updates = np.arange(120)
+    np.testing.assert_allclose(
+        jax.vmap(lr_schedule(hyperparams(tiny_cfg)))(updates), reference(updates + 1), rtol=2e-6, atol=1e-10
+    )
 
 
 def test_the_first_update_moves_the_parameters(tiny_cfg):
@@ -127,8 +152,8 @@ def test_muon_takes_the_blocks_matrices_adamw_the_rest(tiny_cfg):
     }
     grads, updates = flat(grads), flat(updates)
     muon_lr, adam_lr = (
-        float(lr_schedule(tiny_cfg, tiny_cfg.muon_learning_rate)(0)),
-        float(lr_schedule(tiny_cfg)(0)),
+        float(lr_schedule(hyperparams(tiny_cfg), "muon_learning_rate")(0)),
+        float(lr_schedule(hyperparams(tiny_cfg))(0)),
     )
     for name, update in updates.items():
         if dims.get(name) is None:  # AdamW's first step: -lr * sign(gradient), with optax muon's Nesterov

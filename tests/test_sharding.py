@@ -6,7 +6,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from orpheus_jax.model import GPTConfig
-from orpheus_jax.optim import make_optimizer
+from orpheus_jax.optim import hyperparams, make_optimizer
 from orpheus_jax.sharding import fsdp_spec, make_mesh
 from orpheus_jax.tokenizer import CharTokenizer
 from orpheus_jax.train import init_state, make_train_step, state_shardings
@@ -37,11 +37,11 @@ def run_steps(cfg, tokens, calls):
         lambda: init_state(cfg, model_cfg, optimizer),
         out_shardings=state_shardings(cfg, model_cfg, optimizer, mesh),
     )()
-    step = make_train_step(cfg, model_cfg, optimizer, mesh)
+    step = make_train_step(cfg, model_cfg, mesh)
     source = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, P()))
     losses = []
     for _ in range(calls):
-        state, metrics = step(state, source, cfg.steps_per_call)
+        state, metrics = step(state, source, cfg.steps_per_call, hyperparams(cfg))
         losses.extend(np.asarray(metrics["loss"]).tolist())
     return np.array(losses), jax.tree.map(np.asarray, (state.params, state.opt_state)), state
 

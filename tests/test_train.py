@@ -12,7 +12,7 @@ import pytest
 
 from orpheus_jax import OrpheusError, data
 from orpheus_jax.model import GPTConfig, forward
-from orpheus_jax.optim import make_optimizer
+from orpheus_jax.optim import hyperparams, make_optimizer
 from orpheus_jax.sharding import make_mesh, replicated
 from orpheus_jax.tokenizer import CharTokenizer
 from orpheus_jax.train import (
@@ -33,11 +33,11 @@ def run_steps(cfg, tokens, devices, n):
     optimizer = make_optimizer(cfg)
     rep = replicated(mesh)
     state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer), out_shardings=rep)()
-    step = make_train_step(cfg, model_cfg, optimizer, mesh)
+    step = make_train_step(cfg, model_cfg, mesh)
     data = jax.device_put(tokens, rep)
     losses = []
     for _ in range(n):
-        state, metrics = step(state, data, cfg.steps_per_call)
+        state, metrics = step(state, data, cfg.steps_per_call, hyperparams(cfg))
         losses.extend(np.asarray(metrics["loss"]).tolist())
     return np.array(losses), jax.tree.map(np.asarray, state.params)
 
@@ -107,8 +107,8 @@ def test_onednn_dots_train_like_xla_dots(tiny_cfg, iliad_tokens):
     for cpu_dots in ("onednn", "xla"):
         tiny_cfg.cpu_dots = cpu_dots
         hlo = (
-            make_train_step(tiny_cfg, model_cfg, optimizer, mesh)
-            .lower(state, iliad_tokens, 1)
+            make_train_step(tiny_cfg, model_cfg, mesh)
+            .lower(state, iliad_tokens, 1, hyperparams(tiny_cfg))
             .compile()
             .as_text()
         )
@@ -130,26 +130,73 @@ def test_steps_per_call_takes_the_same_steps(tiny_cfg, iliad_tokens):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), single_params, scan_params)
 
 
+def first_step_reference(cfg, model_cfg, state, tokens):
+    """The parameters after step 0, from the batch the step draws taken whole (no dropout): the key of
+    step 0, split per micro-batch if there are several, then (batch, dropout); cfg's optimizer with its
+    numbers as constants."""
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=cfg.prng_impl), 0)
+    G = cfg.grad_accum_steps
+    micro = [
+        data.sample_batch(tokens, jax.random.split(k)[0], cfg.batch_size, cfg.block_size)
+        for k in (jax.random.split(step_key, G) if G > 1 else [step_key])
+    ]
+    inputs, targets = (jnp.concatenate(parts) for parts in zip(*micro))
+    optimizer = make_optimizer(cfg)
+
+    @jax.jit  # one program: op by op, the optimizer's update alone compiles for seconds
+    def one_big_batch_step(params, opt_state):
+        grads = jax.grad(lambda p: loss_fn(model_cfg, p, inputs, targets))(params)
+        updates, _ = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates)
+
+    return one_big_batch_step(state.params, state.opt_state)
+
+
 def test_gradient_accumulation_matches_one_big_batch(tiny_cfg, iliad_tokens):
     """Two micro-batches of 8 must step exactly like one batch of their 16 rows."""
     tiny_cfg.update(dropout=0.0, batch_size=8, grad_accum_steps=2)
     model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
-    optimizer = make_optimizer(tiny_cfg)
-    state = init_state(tiny_cfg, model_cfg, optimizer)
+    state = jax.jit(lambda: init_state(tiny_cfg, model_cfg, make_optimizer(tiny_cfg)))()
     tokens = jnp.asarray(iliad_tokens)
-    # The micro-batches the step draws: key of step 0, split per micro-batch, then (batch, dropout).
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng, impl=tiny_cfg.prng_impl), 0)
-    micro = [
-        data.sample_batch(tokens, jax.random.split(k)[0], 8, tiny_cfg.block_size)
-        for k in jax.random.split(step_key, 2)
-    ]
-    inputs, targets = (jnp.concatenate(parts) for parts in zip(*micro))
-    grads = jax.grad(lambda p: loss_fn(model_cfg, p, inputs, targets))(state.params)
-    updates, _ = optimizer.update(grads, state.opt_state, state.params)
-    expected = optax.apply_updates(state.params, updates)
-
-    new_state, _ = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())(state, tokens, 1)
+    expected = first_step_reference(tiny_cfg, model_cfg, state, tokens)
+    new_state, _ = make_train_step(tiny_cfg, model_cfg, make_mesh())(state, tokens, 1, hyperparams(tiny_cfg))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), new_state.params, expected)
+
+
+def test_the_step_takes_the_optimizers_numbers_as_inputs(tiny_cfg, iliad_tokens):
+    """Another learning rate, schedule, run length, weight decay, clipping norm or averaging rate is the
+    same compiled step (the persistent cache serves it), and that step follows the numbers it is given."""
+    # Muon's weight decay on (a zero is no decay operation at all, another program).
+    tiny_cfg.update(dropout=0.0, warmup_iters=0, ema_decay=0.9, muon_weight_decay=0.01)
+    other = tiny_cfg.copy_and_resolve_references()
+    other.update(
+        learning_rate=3e-3, min_lr=1e-4, warmup_iters=2, max_iters=50, lr_decay_iters=40, weight_decay=0.3,
+        grad_clip=0.05, ema_decay=0.05, muon_learning_rate=0.05, muon_weight_decay=0.1,
+    )  # fmt: skip
+    model_cfg, mesh = GPTConfig.from_run_config(tiny_cfg, 66), make_mesh()
+    source = jax.ShapeDtypeStruct((10_000,), np.uint8)
+    for optimizer in ("adamw", "muon"):
+        tiny_cfg.optimizer = other.optimizer = optimizer
+        shapes = jax.eval_shape(lambda: init_state(tiny_cfg, model_cfg, make_optimizer(tiny_cfg)))
+        programs = [
+            make_train_step(cfg, model_cfg, mesh).lower(shapes, source, 1, hyperparams(cfg)).as_text()
+            for cfg in (tiny_cfg, other)
+        ]
+        assert programs[0] == programs[1], optimizer
+    tiny_cfg.optimizer = other.optimizer = "adamw"
+    state = jax.jit(lambda: init_state(tiny_cfg, model_cfg, make_optimizer(tiny_cfg)))()
+    tokens = jnp.asarray(iliad_tokens)
+    expected, own = (first_step_reference(cfg, model_cfg, state, tokens) for cfg in (other, tiny_cfg))
+    before = jax.tree.map(np.asarray, state.params)
+    new_state, _ = make_train_step(tiny_cfg, model_cfg, mesh)(state, tokens, 1, hyperparams(other))
+    # Adam's first update is about lr * sign(gradient): rounding in gradients near zero moves it a little.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), new_state.params, expected)
+    assert not np.allclose(new_state.params["wte"]["embedding"], own["wte"]["embedding"], atol=1e-4)
+    # The average moved at the given rate, 0.05 (the config's 0.9 would give min(0.9, 1 / 10) = 0.1).
+    jax.tree.map(
+        lambda e, p, p0: np.testing.assert_allclose(e, 0.05 * p0 + 0.95 * p, atol=1e-6),
+        new_state.ema, new_state.params, before,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -459,11 +506,11 @@ def test_the_train_step_has_no_scatter(tiny_cfg, grad_accum_steps, dropout):
     model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
     optimizer = make_optimizer(tiny_cfg)
     state = jax.eval_shape(lambda: init_state(tiny_cfg, model_cfg, optimizer))
-    step = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())
-    hlo = step.lower(state, jax.ShapeDtypeStruct((10_000,), np.uint8), 2).compile().as_text()
+    source, hp = jax.ShapeDtypeStruct((10_000,), np.uint8), hyperparams(tiny_cfg)
+    hlo = make_train_step(tiny_cfg, model_cfg, make_mesh()).lower(state, source, 2, hp).compile().as_text()
     scatters = lambda hlo: re.findall(r"\bscatter\(", hlo)  # instructions, not names in the metadata
     assert re.search(r"\b(dot|custom-call)\(", hlo) and not scatters(hlo)
     tiny_cfg.token_embedding = "gather"  # the lookup's gradient: the scatter-add the default avoids
     model_cfg = GPTConfig.from_run_config(tiny_cfg, 66)
-    step = make_train_step(tiny_cfg, model_cfg, optimizer, make_mesh())
-    assert scatters(step.lower(state, jax.ShapeDtypeStruct((10_000,), np.uint8), 2).compile().as_text())
+    step = make_train_step(tiny_cfg, model_cfg, make_mesh())
+    assert scatters(step.lower(state, source, 2, hp).compile().as_text())
