@@ -63,8 +63,8 @@ def bench_steady_state(cfg, tokens, vocab_size: int, n_steps: int, warmup_calls:
     state = jax.jit(lambda: init_state(cfg, model_cfg, optimizer), out_shardings=rep)()
     n_params = count_params(state.params)
 
-    t0 = time.perf_counter()
     hp = hyperparams(cfg)
+    t0 = time.perf_counter()
     train_step = (
         make_train_step(cfg, model_cfg, mesh).lower(state, train_data, cfg.steps_per_call, hp).compile()
     )

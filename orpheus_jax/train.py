@@ -435,7 +435,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg)
         self.state = self._initial_state()
         # The step's inputs, on every device once: a new learning rate or length compiles nothing.
-        self.hp = jax.tree.map(lambda v: data.to_device(v, mesh), hyperparams(cfg))
+        hp = hyperparams(cfg)
+        self.hp = jax.tree.map(lambda v: data.to_device(v, mesh), hp)
         self.main = distributed.is_main()
         if self.main:
             config_lib.save(cfg, self.tokenizer.vocab_size, rundir.config_path(workdir))
@@ -453,7 +454,7 @@ class Trainer:
         self.train_key = jax.random.wrap_key_data(np.asarray(self.state.rng), impl=cfg.prng_impl)
         self.step = int(self.state.step)
         self.unchecked = []  # (first step, metrics) of dispatched calls whose numbers the host has not read
-        self.schedule = lr_schedule(hyperparams(cfg))
+        self.schedule = lr_schedule(hp)  # the rates logged, on the host
         self.evals_since_best = self._evals_since_best()
         self.background = ThreadPoolExecutor(max_workers=1)  # each evaluation's sample and plot
         self.report = None  # the future of the last evaluation's sample and plot

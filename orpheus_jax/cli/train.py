@@ -111,6 +111,11 @@ def load_config(default_path: str | None):
     return cfg
 
 
+def config_name(config_file: str) -> str:
+    """A config file's name as --config takes it (and as the default workdir, runs/NAME, uses it)."""
+    return os.path.splitext(os.path.basename(config_file))[0]
+
+
 def print_help() -> None:
     """--help: the usage, this command's flags, and every key --config.KEY=VALUE sets, with its value in
     the config given (default: the seed recipe; deciding the device's default would start a backend)."""
@@ -118,7 +123,7 @@ def print_help() -> None:
     if not config_given(sys.argv):
         sys.argv.append(f"--config={SEED_CONFIG}")
     cfg = load_config(None)  # absl would print a default path: the rule is in the flag's text
-    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+    name = config_name(config_flags.get_config_filename(FLAGS["config"]))
     print(__doc__.strip() + "\n")
     print("Flags:")
     for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
@@ -148,7 +153,7 @@ def run_command() -> None:
     cfg = load_config(default_config_path())
     config_lib.validate(cfg)
     config_file = config_flags.get_config_filename(FLAGS["config"])
-    name = os.path.splitext(os.path.basename(config_file))[0]
+    name = config_name(config_file)
     if not config_given(sys.argv):
         if os.path.abspath(config_file) == CPU_CONFIG:
             print(
